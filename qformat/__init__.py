@@ -1,0 +1,53 @@
+"""qformat: quantized Hugging Face checkpoints as a first-class, portable artifact.
+
+Importing qformat is cheap: torch and transformers are imported by the functions that need them.
+"""
+
+from qformat._version import __version__
+from qformat.errors import (
+    CorruptCheckpointError,
+    FormatError,
+    NonFiniteWeightError,
+    OptionError,
+    OutputError,
+    QFormatError,
+    SourceError,
+    UnsupportedFormatVersionError,
+    UnsupportedModelError,
+    WriteError,
+)
+from qformat.spec import FORMAT_VERSION
+
+__all__ = [
+    "FORMAT_VERSION",
+    "CorruptCheckpointError",
+    "FormatError",
+    "NonFiniteWeightError",
+    "OptionError",
+    "OutputError",
+    "QFormatError",
+    "SourceError",
+    "UnsupportedFormatVersionError",
+    "UnsupportedModelError",
+    "WriteError",
+    "__version__",
+    "convert",
+    "inspect",
+    "verify",
+]
+
+
+def __getattr__(name: str):  # lazy: keep `import qformat` free of torch until a function needs it
+    if name == "convert":
+        from qformat.converter import convert
+
+        return convert
+    if name == "inspect":
+        from qformat.checkpoint import inspect
+
+        return inspect
+    if name == "verify":
+        from qformat.checkpoint import verify
+
+        return verify
+    raise AttributeError(f"module 'qformat' has no attribute {name!r}")

@@ -1,0 +1,122 @@
+"""Open a qformat checkpoint folder: its config, its weight files and the table of every tensor in them."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from qformat.errors import CorruptCheckpointError, FormatError
+from qformat.io.safetensors_format import HeaderEntry, SafetensorsHeader, read_header
+from qformat.spec.config import QFormatConfig
+
+__all__ = ["QFormatCheckpoint", "open_checkpoint"]
+
+_INDEX = "model.safetensors.index.json"
+_SINGLE = "model.safetensors"
+_QUANTIZED_MARKER = ".weight_scale"
+
+
+@dataclass(frozen=True)
+class QFormatCheckpoint:
+    """A parsed checkpoint: `config` is config.json, `qconfig` its quantization_config, `tensors` maps every tensor
+    name to the file (relative) and header entry holding it."""
+
+    folder: Path
+    config: dict[str, Any]
+    qconfig: QFormatConfig
+    files: tuple[str, ...]
+    index: dict[str, str] | None
+    headers: dict[str, SafetensorsHeader]
+    tensors: dict[str, tuple[str, HeaderEntry]]
+
+    @property
+    def quantized_modules(self) -> list[str]:
+        """Modules that store quantized tensors (they have a `weight_scale`), in file order."""
+        return [name[: -len(_QUANTIZED_MARKER)] for name in self.tensors if name.endswith(_QUANTIZED_MARKER)]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(entry.nbytes for _, entry in self.tensors.values())
+
+    def entry(self, name: str) -> HeaderEntry | None:
+        found = self.tensors.get(name)
+        return None if found is None else found[1]
+
+    def load(self, name: str):  # -> torch.Tensor
+        """Read one tensor (a copy) with safetensors itself."""
+        from safetensors import safe_open
+
+        file, _ = self.tensors[name]
+        with safe_open(self.folder / file, framework="pt") as fh:
+            return fh.get_tensor(name)
+
+
+def _read_config(folder: Path) -> tuple[dict[str, Any], QFormatConfig]:
+    path = folder / "config.json"
+    if not path.is_file():
+        raise FormatError(f"{folder} has no config.json; it is not a model folder")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise FormatError(f"config.json is not valid JSON ({exc})") from None
+    if not isinstance(config, dict) or "quantization_config" not in config:
+        raise FormatError("config.json has no quantization_config; this is not a qformat checkpoint")
+    return config, QFormatConfig.from_dict(config["quantization_config"])
+
+
+def _weight_files(folder: Path) -> tuple[tuple[str, ...], dict[str, str] | None]:
+    if (folder / _INDEX).is_file():
+        try:
+            data = json.loads((folder / _INDEX).read_text(encoding="utf-8"))
+            weight_map = data["weight_map"]
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise TypeError
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+            raise FormatError(f"{_INDEX} is not a valid index (needs a 'weight_map' of tensor -> file)") from None
+        files: list[str] = []
+        for name in weight_map.values():
+            rel = PurePosixPath(name)
+            if rel.is_absolute() or ".." in rel.parts:
+                raise FormatError(f"{_INDEX} names {name!r}, outside the checkpoint folder")
+            if name not in files:
+                files.append(name)
+        return tuple(files), weight_map
+    if (folder / _SINGLE).is_file():
+        return (_SINGLE,), None
+    raise FormatError(f"{folder} has neither {_SINGLE} nor {_INDEX}")
+
+
+def open_checkpoint(folder: str | Path) -> QFormatCheckpoint:
+    """Parse config.json, the index (if any) and every weight file's header; raise `FormatError` on the first problem.
+
+    Checks here are structural (the files exist, headers are valid, the index agrees with the files); `verify` adds
+    the per-module and per-value checks.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FormatError(f"{folder} is not a folder")
+    config, qconfig = _read_config(folder)
+    files, index = _weight_files(folder)
+    headers: dict[str, SafetensorsHeader] = {}
+    tensors: dict[str, tuple[str, HeaderEntry]] = {}
+    for file in files:
+        if not (folder / file).is_file():
+            raise FormatError(f"{_INDEX} names {file}, which does not exist")
+        try:
+            header = read_header(folder / file)
+        except CorruptCheckpointError as exc:
+            raise FormatError(str(exc)) from None
+        headers[file] = header
+        for entry in sorted(header.tensors.values(), key=lambda e: e.start):
+            if entry.name in tensors:
+                raise FormatError(f"tensor {entry.name} is stored in both {tensors[entry.name][0]} and {file}")
+            if index is not None and index.get(entry.name) != file:
+                raise FormatError(f"{file} holds {entry.name}, but {_INDEX} maps it to {index.get(entry.name)}")
+            tensors[entry.name] = (file, entry)
+    if index is not None:
+        for name, file in index.items():
+            if name not in tensors:
+                raise FormatError(f"{_INDEX} maps {name} to {file}, which does not contain it")
+    return QFormatCheckpoint(folder, config, qconfig, files, index, headers, tensors)

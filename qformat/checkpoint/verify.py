@@ -1,0 +1,135 @@
+"""`qformat verify`: check a checkpoint against docs/FORMAT.md and name the first problem.
+
+Checks, in order: config and version; weight files, headers and index agree; every quantized module stores exactly
+the tensors its scheme needs with the right dtypes and shapes, meets the shape rules, and is not also in the
+fallback list; fallback modules store plain float weights; scales are finite and positive; fp8 values hold no NaN;
+2:4 bitmasks keep exactly two of every four; the statistics name the same modules; and, if hashes are recorded,
+every tensor is present and its bytes hash as recorded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import mmap
+from dataclasses import dataclass
+from pathlib import Path
+
+from qformat.checkpoint.reader import QFormatCheckpoint, open_checkpoint
+from qformat.errors import FormatError
+from qformat.spec.layout import TensorSpec, module_tensors, shape_problem
+
+__all__ = ["VerifyReport", "verify"]
+
+_FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    """What `verify` checked (it raises on the first problem, so a report means the checkpoint passed)."""
+
+    folder: Path
+    tensors: int
+    quantized_modules: int
+    fallback_modules: int
+    hashes_checked: int
+
+
+def _fail(where: str, problem: str) -> FormatError:
+    return FormatError(f"{where}: {problem}")
+
+
+def _expected_tensors(ckpt: QFormatCheckpoint, module: str) -> list[TensorSpec]:
+    resolved = ckpt.qconfig.scheme_for(module)
+    if resolved is None:
+        raise _fail(module, "is in the fallback list but stores quantized tensors (weight_scale)")
+    name, scheme = resolved
+    if scheme.sparsity is None:
+        weight = ckpt.entry(f"{module}.weight")
+        if weight is None or len(weight.shape) != 2:
+            raise _fail(module, f"scheme {name} needs a 2-D {module}.weight")
+        out_f, in_f = weight.shape
+    else:
+        shape = ckpt.entry(f"{module}.shape")
+        if shape is None or shape.shape != (2, 1) or shape.dtype != "I64":
+            raise _fail(module, f"scheme {name} needs {module}.shape, I64 [2, 1]")
+        out_f, in_f = (int(v) for v in ckpt.load(f"{module}.shape").reshape(-1).tolist())
+    problem = shape_problem(scheme, out_f, in_f)
+    if problem is not None:
+        raise _fail(module, f"{problem} (format v1 keeps such modules in full precision)")
+    return module_tensors(module, scheme, out_f, in_f)
+
+
+def _check_values(ckpt: QFormatCheckpoint, module: str, specs: list[TensorSpec]) -> None:
+    import numpy as np
+    import torch
+
+    for spec in specs:
+        if spec.name.endswith(("weight_scale", "input_scale")):
+            scale = ckpt.load(spec.name)
+            if not bool(torch.isfinite(scale).all()) or not bool((scale > 0).all()):
+                raise _fail(spec.name, "scales must be finite and positive")
+        elif spec.dtype == "F8_E4M3":
+            raw = ckpt.load(spec.name).view(torch.uint8)
+            if bool(((raw & 0x7F) == 0x7F).any()):
+                raise _fail(spec.name, "holds NaN (e4m3fn bit pattern 0x7F/0xFF)")
+        elif spec.name.endswith(".bitmask"):
+            in_f = ckpt.load(f"{module}.shape").reshape(-1)[1].item()
+            bits = torch.from_numpy(np.unpackbits(ckpt.load(spec.name).numpy(), axis=-1, bitorder="little"))
+            kept = bits[:, :in_f].reshape(bits.shape[0], -1, 4).sum(-1)
+            if not bool((kept == 2).all()):
+                raise _fail(spec.name, "every group of 4 columns must keep exactly 2 values")
+            if bool(bits[:, in_f:].any()):
+                raise _fail(spec.name, "padding bits beyond in_features must be 0")
+
+
+def _check_hashes(ckpt: QFormatCheckpoint) -> int:
+    recorded = ckpt.qconfig.provenance.get("tensor_hashes")
+    if not recorded:
+        return 0
+    missing = sorted(set(recorded) - set(ckpt.tensors))
+    if missing:
+        raise _fail(missing[0], "is recorded in provenance.tensor_hashes but missing from the weight files")
+    extra = sorted(set(ckpt.tensors) - set(recorded))
+    if extra:
+        raise _fail(extra[0], "is in the weight files but not in provenance.tensor_hashes")
+    for file in ckpt.files:
+        with open(ckpt.folder / file, "rb") as fh:
+            with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+                for name, (tfile, entry) in ckpt.tensors.items():
+                    if tfile != file:
+                        continue
+                    digest = "sha256:" + hashlib.sha256(memoryview(mm)[entry.start : entry.end]).hexdigest()
+                    if digest != recorded[name]:
+                        raise _fail(name, "content hash differs from provenance.tensor_hashes (the file was modified)")
+    return len(recorded)
+
+
+def verify(folder: str | Path, *, check_hashes: bool = True) -> VerifyReport:
+    """Check the checkpoint in `folder` against the format spec; raise `FormatError` naming the first problem."""
+    ckpt = open_checkpoint(folder)
+    qconfig = ckpt.qconfig
+    quantized = ckpt.quantized_modules
+    expected_names: set[str] = set()
+    for module in quantized:
+        specs = _expected_tensors(ckpt, module)
+        for spec in specs:
+            entry = ckpt.entry(spec.name)
+            if entry is None:
+                raise _fail(module, f"missing tensor {spec.name}")
+            if entry.dtype != spec.dtype or entry.shape != spec.shape:
+                raise _fail(spec.name, f"is {entry.dtype} {list(entry.shape)}, the spec needs {spec.dtype} {list(spec.shape)}")
+            expected_names.add(spec.name)
+        leftover = [n for n in (f"{module}.weight", f"{module}.input_scale") if n in ckpt.tensors and n not in expected_names]
+        if leftover:
+            raise _fail(leftover[0], "is not part of its module's scheme")
+        _check_values(ckpt, module, specs)
+    for entry in qconfig.fallback:
+        weight = ckpt.entry(f"{entry.module}.weight")
+        if weight is not None and weight.dtype not in _FLOAT_DTYPES:
+            raise _fail(entry.module, f"is kept in full precision ({entry.reason}) but stores a {weight.dtype} weight")
+    stats = qconfig.statistics.get("modules")
+    if isinstance(stats, dict) and set(stats) != set(quantized):
+        odd = sorted(set(stats) ^ set(quantized))[0]
+        raise _fail(odd, "statistics.modules and the stored quantized modules disagree")
+    hashes = _check_hashes(ckpt) if check_hashes else 0
+    return VerifyReport(ckpt.folder, len(ckpt.tensors), len(quantized), len(qconfig.fallback), hashes)

@@ -1,0 +1,56 @@
+"""`qformat convert SOURCE OUTPUT`: any Hugging Face model to a qformat checkpoint."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from qformat.cli._errors import install_signal_handlers, reported_errors
+from qformat.quantize.observers import OBSERVERS
+from qformat.spec.schemes import scheme_names
+
+__all__ = ["convert_command"]
+
+EXAMPLES = """
+\b
+Examples:
+  qformat convert ./my-llama ./my-llama-int8 --scheme w8a8-int8
+  qformat convert meta-llama/Llama-3.2-1B ./llama-fp8 --scheme fp8-dynamic --revision main
+  qformat convert ./bart ./bart-mixed --scheme w8a8-int8 \\
+      --override 're:.*fc[12]=fp8-dynamic' --ignore model.decoder.layers.11.fc2
+  qformat convert ./llama ./llama-24 --scheme w8a16-int8 --sparsity 2:4
+"""
+
+
+@click.command("convert", epilog=EXAMPLES)
+@click.argument("source")
+@click.argument("output", type=click.Path(file_okay=False))
+@click.option("--scheme", default="w8a8-int8", show_default=True, metavar="SCHEME",
+              help=f"Default scheme: {', '.join(scheme_names())}.")
+@click.option("--ignore", "ignore", multiple=True, metavar="PATTERN",
+              help="Keep matching modules in full precision (module name or 're:<regex>'). Repeatable.")
+@click.option("--override", "overrides", multiple=True, metavar="PATTERN=SCHEME",
+              help="Use SCHEME (or 'none' = full precision) for matching modules. Repeatable; exact names win, "
+                   "then the first matching 're:' pattern.")
+@click.option("--observer", type=click.Choice(OBSERVERS), default=None,
+              help="Scale observer. Default: mse for fp8 schemes, absmax for int8.")
+@click.option("--sparsity", type=click.Choice(["2:4"]), default=None, help="Prune every quantized module to 2:4.")
+@click.option("--base-model", default=None, metavar="REPO_ID",
+              help="Hub repo id to record as the base model of a local SOURCE.")
+@click.option("--revision", default=None, help="Branch, tag or commit of a Hub SOURCE.")
+@click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard.")
+@click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists (only once the new one is complete).")
+def convert_command(source: str, output: str, scheme: str, ignore: tuple[str, ...], overrides: tuple[str, ...],
+                    observer: str | None, sparsity: str | None, base_model: str | None, revision: str | None,
+                    max_shard_size: str, overwrite: bool) -> None:
+    """Convert SOURCE (a model folder or Hub repo id) into a qformat checkpoint at OUTPUT."""
+    install_signal_handlers()
+    with reported_errors("nothing was written to OUTPUT"):
+        from qformat.checkpoint.inspect import inspect
+        from qformat.converter import convert
+
+        result = convert(source, output, scheme=scheme, ignore=ignore, overrides=overrides, observer=observer,
+                         sparsity=sparsity, base_model=base_model, revision=revision, max_shard_size=max_shard_size,
+                         overwrite=overwrite, progress=sys.stderr.isatty())
+        click.echo(inspect(result.output).to_text())

@@ -1,0 +1,32 @@
+"""The `qformat` command: a click group that only wires the commands together."""
+
+from __future__ import annotations
+
+import logging
+
+import click
+
+from qformat._version import __version__
+from qformat.cli.convert import convert_command
+from qformat.cli.inspect import inspect_command
+from qformat.cli.verify import verify_command
+
+__all__ = ["cli", "main"]
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="qformat")
+@click.option("-v", "--verbose", is_flag=True, help="Log what qformat does (to stderr).")
+def cli(verbose: bool) -> None:
+    """Quantized Hugging Face checkpoints: convert, inspect, verify."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="qformat: %(message)s")
+
+
+cli.add_command(convert_command)
+cli.add_command(inspect_command)
+cli.add_command(verify_command)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    cli(prog_name="qformat")

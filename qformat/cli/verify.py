@@ -1,0 +1,23 @@
+"""`qformat verify DIR`: check a checkpoint against the format spec."""
+
+from __future__ import annotations
+
+import click
+
+from qformat.cli._errors import reported_errors
+
+__all__ = ["verify_command"]
+
+
+@click.command("verify")
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option("--no-hashes", is_flag=True, help="Skip re-hashing tensor data (structure and values only).")
+def verify_command(directory: str, no_hashes: bool) -> None:
+    """Check DIRECTORY against docs/FORMAT.md; exit non-zero naming the first problem."""
+    with reported_errors("nothing was changed"):
+        from qformat.checkpoint.verify import verify
+
+        report = verify(directory, check_hashes=not no_hashes)
+        click.echo(f"ok: {report.folder} follows qformat format v1 ({report.tensors} tensors, "
+                   f"{report.quantized_modules} quantized modules, {report.fallback_modules} in full precision, "
+                   f"{report.hashes_checked} hashes checked)")

@@ -1,0 +1,170 @@
+"""`qformat.convert()`: any Hugging Face model (folder or Hub repo) to a qformat checkpoint, streaming."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from qformat._version import __version__
+from qformat.converter.files import copy_support_files
+from qformat.converter.layout import INDEX_FILE, OutputLayout, plan_output
+from qformat.converter.options import ConvertOptions
+from qformat.converter.pipeline import run_pipeline
+from qformat.converter.plan import ConversionPlan, plan_conversion
+from qformat.converter.source import ResolvedSource, resolve_source
+from qformat.converter.structure import analyze_structure
+from qformat.errors import CorruptCheckpointError
+from qformat.io.atomic import atomic_output_dir, check_output_location
+from qformat.io.safetensors_format import read_header
+from qformat.io.source import SourceCheckpoint
+from qformat.io.writer import write_error
+
+__all__ = ["ConvertResult", "convert"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ConvertResult:
+    """What a conversion produced."""
+
+    output: Path
+    linear_modules: int
+    quantized_modules: int
+    source_bytes: int
+    checkpoint_bytes: int
+
+
+def _sig(x: float) -> float:
+    return float(f"{x:.6g}")
+
+
+def _environment() -> dict[str, str]:
+    import safetensors
+    import torch
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "safetensors": safetensors.__version__}
+
+
+def _quantization_config(plan: ConversionPlan, options: ConvertOptions, src: ResolvedSource,
+                         checkpoint: SourceCheckpoint, layout: OutputLayout, hashes: dict[str, str],
+                         stats: dict[str, Any], skipped: list[str]) -> dict[str, Any]:
+    base_model = options.base_model or src.repo_id
+    provenance = {
+        "qformat_version": __version__,
+        "environment": _environment(),
+        "source": {
+            "repo_id": src.repo_id,
+            "revision": src.revision,
+            "base_model": base_model,
+            "format": checkpoint.format,
+            "parameters": checkpoint.numel,
+            "bytes": checkpoint.nbytes,
+            "skipped_weight_files": skipped,
+        },
+        "options": options.to_record(),
+        "command": options.command(src.label if src.repo_id else (options.base_model or "SOURCE")),
+        "tensor_hashes": dict(sorted(hashes.items())),
+    }
+    modules = {}
+    for decision in plan.quantized:
+        name = decision.module.name
+        entry: dict[str, Any] = {"scheme": decision.scheme_name, "observer": decision.observer,
+                                 "rel_error": _sig(stats[name].rel_error)}
+        if decision.scheme is not None and decision.scheme.sparsity is not None:
+            entry["rel_quant_error"] = _sig(stats[name].rel_quant_error)
+        modules[name] = entry
+    statistics = {
+        "linear_modules": len(plan.decisions),
+        "quantized_modules": len(plan.quantized),
+        "checkpoint_bytes": layout.total_bytes,
+        "modules": modules,
+    }
+    return plan.config(provenance=provenance, statistics=statistics).to_dict()
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    try:
+        with open(path, "w", encoding="utf-8") as fh:
+            fh.write(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError as exc:
+        raise write_error(path, exc) from None
+
+
+def _reread(folder: Path, layout: OutputLayout) -> None:
+    """Re-read every written shard: our header parser and safetensors itself must both accept it as planned."""
+    from safetensors import safe_open
+
+    for name, planned in zip(layout.shard_names, layout.shard_layouts):
+        header = read_header(folder / name)
+        if header.tensors != planned.entries:
+            raise CorruptCheckpointError(f"{name} does not read back as written; the disk may be failing")
+        with safe_open(folder / name, framework="pt") as fh:
+            if set(fh.keys()) != set(planned.entries):
+                raise CorruptCheckpointError(f"safetensors reads {name} differently than written; report this bug")
+
+
+def convert(source: str | os.PathLike[str], output: str | os.PathLike[str], *, scheme: str = "w8a8-int8",
+            ignore: tuple[str, ...] | list[str] = (), overrides: tuple[tuple[str, str], ...] | list[Any] = (),
+            observer: str | None = None, sparsity: str | None = None, base_model: str | None = None,
+            revision: str | None = None, max_shard_size: int | str = "5GB", overwrite: bool = False,
+            progress: bool = False) -> ConvertResult:
+    """Convert a Hugging Face model into a qformat checkpoint at `output`.
+
+    Args:
+        source: a local model folder or a Hub repo id (downloaded with huggingface_hub, `revision` pinnable).
+        output: the folder to create. It must not exist unless `overwrite`; it is written atomically.
+        scheme: default scheme: "w8a16-int8", "w8a8-int8", "fp8-dynamic", "fp8-weight-only" (each also "+2:4").
+        ignore: module names or "re:" patterns to keep in full precision.
+        overrides: (pattern, scheme) pairs or "PATTERN=SCHEME" strings; scheme "none" keeps modules in full precision.
+        observer: "absmax" or "mse"; default "mse" for fp8 schemes and "absmax" for int8.
+        sparsity: "2:4" to prune every quantized module to 2:4 structured sparsity.
+        base_model: Hub repo id to record as the base model of a local source.
+        max_shard_size: largest output shard, e.g. "5GB".
+        progress: show a progress bar of bytes converted.
+
+    Returns:
+        A `ConvertResult` summarizing the checkpoint.
+
+    Raises:
+        QFormatError: a subclass naming what is wrong with the source, the options or the output location.
+    """
+    from qformat.converter.options import parse_override, parse_size
+
+    pairs = tuple(parse_override(o) if isinstance(o, str) else (o[0], o[1]) for o in overrides)
+    options = ConvertOptions(scheme=scheme, ignore=tuple(ignore), overrides=pairs, observer=observer,
+                             sparsity=sparsity, base_model=base_model, revision=revision,
+                             max_shard_size=parse_size(max_shard_size))
+    out = Path(output)
+    local = Path(source).expanduser()
+    check_output_location(out, source=local if local.exists() else None, overwrite=overwrite)
+    src = resolve_source(source, revision=revision)
+    check_output_location(out, source=src.path, overwrite=overwrite)
+    checkpoint = SourceCheckpoint(src.path)
+    structure = analyze_structure(src.path, checkpoint)
+    plan = plan_conversion(structure, options)
+    layout = plan_output(checkpoint, plan, options.max_shard_size)
+    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+        _copied, skipped = copy_support_files(src.path, tmp)
+        read = set(checkpoint.files) | ({checkpoint.index_file} if checkpoint.index_file else set())
+        skipped = [f for f in skipped if f not in read]
+        with checkpoint.reader() as reader:
+            result = run_pipeline(layout, reader, tmp, progress=progress)
+        _reread(tmp, layout)
+        if len(layout.shard_names) > 1:
+            weight_map = {spec.name: layout.shard_names[job.shard] for job in layout.jobs for spec in job.outputs}
+            _write_json(tmp / INDEX_FILE, {"metadata": {"total_size": layout.total_bytes},
+                                            "weight_map": dict(sorted(weight_map.items()))})
+        config = json.loads((src.path / "config.json").read_text(encoding="utf-8"))
+        config["quantization_config"] = _quantization_config(plan, options, src, checkpoint, layout, result.hashes,
+                                                             result.stats, skipped)
+        _write_json(tmp / "config.json", config)
+    logger.info("wrote %s", out)
+    return ConvertResult(out, len(plan.decisions), len(plan.quantized), checkpoint.nbytes, layout.total_bytes)

@@ -1,0 +1,144 @@
+"""The streaming conversion loop: read a tensor, quantize or pass it through, write it, release it.
+
+The main thread reads and quantizes; one writer thread writes, hashes and releases source pages, so disk writes and
+hashing overlap the next tensor's quantization. A bounded queue keeps at most a few converted tensors in flight,
+which bounds memory by a small multiple of the largest tensor whatever the shard size. Any error or interrupt stops
+the writer, closes every file and propagates; the caller's atomic folder then disappears.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from qformat.converter.layout import OutputLayout, SourceJob
+from qformat.io.source import TensorReader
+from qformat.io.writer import ShardWriter
+from qformat.quantize.weights import quantize_weight
+
+__all__ = ["ModuleStats", "run_pipeline"]
+
+_QUEUE_DEPTH = 3
+
+
+@dataclass
+class ModuleStats:
+    """Error statistics of one quantized module (see `QuantizedWeight`)."""
+
+    rel_error: float
+    rel_quant_error: float
+
+
+@dataclass
+class _Result:
+    hashes: dict[str, str] = field(default_factory=dict)
+    stats: dict[str, ModuleStats] = field(default_factory=dict)
+
+
+_Work = tuple[int, str, memoryview, Callable[[], None] | None]
+
+
+def _bytes_of(tensor: torch.Tensor) -> memoryview:
+    flat = tensor.contiguous().reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy())
+
+
+class _WriterThread(threading.Thread):
+    """Writes (shard, name, bytes) items in order; remembers the first error instead of dying silently."""
+
+    def __init__(self, writers: list[ShardWriter], hashes: dict[str, str], progress: tqdm) -> None:
+        super().__init__(name="qformat-writer", daemon=True)
+        self.items: queue.Queue[_Work | None] = queue.Queue(maxsize=_QUEUE_DEPTH * 4)
+        self.error: BaseException | None = None
+        self._writers = writers
+        self._hashes = hashes
+        self._progress = progress
+
+    def run(self) -> None:
+        while True:
+            item = self.items.get()
+            if item is None:
+                return
+            if self.error is not None:
+                continue  # drain after a failure so the producer never blocks
+            shard, name, data, after = item
+            try:
+                sink = self._writers[shard].sink(name)
+                sink.write(data)
+                self._hashes[name] = sink.finish()
+                if after is not None:
+                    after()
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread
+                self.error = exc
+
+    def put(self, item: _Work) -> None:
+        while True:
+            if self.error is not None:
+                raise self.error
+            try:
+                self.items.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def finish(self) -> None:
+        self.items.put(None)
+        self.join()
+        if self.error is not None:
+            raise self.error
+
+
+def _convert_job(job: SourceJob, reader: TensorReader, writer: _WriterThread, result: _Result) -> None:
+    decision = job.decision
+    source = job.source
+    if decision is None:
+        writer.put((job.shard, source.name, reader.raw(source), lambda: reader.release(source)))
+        return
+    assert decision.scheme is not None and decision.observer is not None
+    module = decision.module
+    q = quantize_weight(reader.tensor(source), decision.scheme, observer=decision.observer, name=source.name)
+    reader.release(source)
+    result.stats[module.name] = ModuleStats(q.rel_error, q.rel_quant_error)
+    if q.bitmask is None:
+        writer.put((job.shard, f"{module.name}.weight", _bytes_of(q.values), None))
+    else:
+        shape = torch.tensor([[module.out_features], [module.in_features]], dtype=torch.int64)
+        writer.put((job.shard, f"{module.name}.compressed", _bytes_of(q.values), None))
+        writer.put((job.shard, f"{module.name}.bitmask", _bytes_of(q.bitmask), None))
+        writer.put((job.shard, f"{module.name}.shape", _bytes_of(shape), None))
+    writer.put((job.shard, f"{module.name}.weight_scale", _bytes_of(q.scales), None))
+
+
+def run_pipeline(layout: OutputLayout, reader: TensorReader, folder: Path, *, progress: bool) -> _Result:
+    """Write every shard of `layout` into `folder`; return the tensor hashes and per-module statistics."""
+    result = _Result()
+    writers: list[ShardWriter] = []
+    bar = tqdm(total=sum(job.source.nbytes for job in layout.jobs), unit="B", unit_scale=True,
+               desc="convert", disable=not progress, leave=False)
+    try:
+        for name, shard_layout in zip(layout.shard_names, layout.shard_layouts):
+            writers.append(ShardWriter(folder / name, shard_layout))
+        writer = _WriterThread(writers, result.hashes, bar)
+        writer.start()
+        try:
+            jobs = layout.jobs
+            for i, job in enumerate(jobs):
+                if i + 1 < len(jobs):
+                    reader.prefetch(jobs[i + 1].source)
+                _convert_job(job, reader, writer, result)
+                bar.update(job.source.nbytes)
+        finally:
+            writer.finish()
+        for shard in writers:
+            shard.close(sync=True)
+    finally:
+        for shard in writers:
+            shard.abort()
+        bar.close()
+    return result

@@ -1,0 +1,218 @@
+"""Which checkpoint tensors are Linear weights: decided from the model's structure, not from tensor names.
+
+The architecture named in config.json is built on the meta device (no memory, no initialization cost), and every
+checkpoint key is mapped to a model parameter the way transformers' loader maps it (its key renamings and
+base-model-prefix handling). A key whose parameter belongs to a `torch.nn.Linear` is a Linear weight. The output
+embedding (`get_output_embeddings()`) and whether it is tied to the input embedding come from the same model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from qformat.errors import UnsupportedModelError
+from qformat.io.source import SourceCheckpoint
+
+__all__ = ["LinearModule", "ModelStructure", "analyze_structure"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LinearModule:
+    """A `torch.nn.Linear` of the model. `name` is its tensor-name prefix in the checkpoint (key minus ".weight")."""
+
+    name: str
+    out_features: int
+    in_features: int
+    weight_key: str | None
+    bias_key: str | None
+    output_embedding: bool = False
+    tied: bool = False
+
+    @property
+    def in_checkpoint(self) -> bool:
+        return self.weight_key is not None
+
+
+@dataclass(frozen=True)
+class ModelStructure:
+    """What qformat needs to know about the model: its type, class and every Linear module in checkpoint order."""
+
+    model_type: str
+    architecture: str
+    linears: dict[str, LinearModule]
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """Silence transformers' warnings while building the meta model; qformat reports what matters itself."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+def _load_config(folder: Path):  # -> transformers.PretrainedConfig
+    import json
+
+    from transformers import AutoConfig
+
+    try:
+        raw = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UnsupportedModelError(f"config.json cannot be read ({exc}); fix or re-download it") from None
+    if not isinstance(raw, dict):
+        raise UnsupportedModelError("config.json is not a JSON object; fix or re-download it")
+    if raw.get("quantization_config"):
+        method = raw["quantization_config"].get("quant_method", "unknown") if isinstance(raw["quantization_config"], dict) else "unknown"
+        raise UnsupportedModelError(
+            f"the source is already quantized (quant_method {method!r}); convert from the full-precision model"
+        )
+    model_type = raw.get("model_type")
+    try:
+        with _quiet_transformers():
+            return AutoConfig.from_pretrained(folder, trust_remote_code=False)
+    except (ValueError, KeyError, OSError) as exc:
+        import transformers
+
+        if raw.get("auto_map"):
+            raise UnsupportedModelError(
+                f"model_type {model_type!r} needs custom code from its repo (auto_map); qformat does not run remote code"
+            ) from None
+        raise UnsupportedModelError(
+            f"unknown architecture: transformers {transformers.__version__} does not know model_type {model_type!r} "
+            f"({str(exc).splitlines()[0][:120]}); upgrade transformers or convert a supported model"
+        ) from None
+
+
+def _build_meta_model(config) -> torch.nn.Module:  # config: transformers.PretrainedConfig
+    import transformers
+
+    cls = None
+    for name in config.architectures or []:
+        cls = getattr(transformers, name, None)
+        if cls is not None:
+            break
+    try:
+        with _quiet_transformers(), torch.device("meta"):
+            if cls is not None:
+                return cls._from_config(config)
+            return transformers.AutoModel.from_config(config)
+    except Exception as exc:  # model constructors raise anything on configs they do not accept
+        arch = (config.architectures or [config.model_type])[0]
+        raise UnsupportedModelError(
+            f"transformers cannot build {arch} from this config.json ({type(exc).__name__}: {str(exc)[:120]}); "
+            "check the config or upgrade transformers"
+        ) from None
+
+
+def _key_renamer(model: torch.nn.Module):
+    """A function checkpoint key -> model state-dict key, as transformers' loader renames keys.
+
+    Returns (renamer, converted) where `converted(key)` tells whether a WeightConverter (merging/splitting tensors on
+    load, as for MoE experts) takes the key.
+    """
+    meta_sd = model.state_dict()
+    prefix = getattr(model, "base_model_prefix", "") or None
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+        mapping = get_model_conversion_mapping(model)
+        renamings = [m for m in mapping if isinstance(m, WeightRenaming)]
+        converters = [m for m in mapping if isinstance(m, WeightConverter)]
+    except Exception:  # older/newer transformers without this API: plain names with prefix handling
+        rename_source_key, renamings, converters = None, [], []
+
+    def rename(key: str) -> tuple[str, bool]:
+        if rename_source_key is not None:
+            renamed, pattern = rename_source_key(key, renamings, converters, prefix, meta_sd)
+            if renamed not in meta_sd and key in meta_sd:
+                return key, False
+            return renamed, pattern is not None
+        if key in meta_sd or prefix is None:
+            return key, False
+        if key.startswith(prefix + ".") and key[len(prefix) + 1 :] in meta_sd:
+            return key[len(prefix) + 1 :], False
+        if f"{prefix}.{key}" in meta_sd:
+            return f"{prefix}.{key}", False
+        return key, False
+
+    return rename
+
+
+def _refuse_fused_experts(model: torch.nn.Module, model_type: str) -> None:
+    for name, param in model.named_parameters():
+        if param.dim() >= 3 and ".experts" in f".{name}":
+            raise UnsupportedModelError(
+                f"{model_type} stores its MoE experts as fused 3-D tensors ({name}); qformat v1 quantizes "
+                "nn.Linear modules only and does not convert fused-expert models yet"
+            )
+
+
+def analyze_structure(folder: Path, checkpoint: SourceCheckpoint) -> ModelStructure:
+    """Build the model on meta and find every Linear module and where its weight is in `checkpoint`."""
+    config = _load_config(folder)
+    model = _build_meta_model(config)
+    model_type = getattr(config, "model_type", "") or ""
+    _refuse_fused_experts(model, model_type)
+    modules = dict(model.named_modules())
+    linear_names = [n for n, m in modules.items() if isinstance(m, torch.nn.Linear)]
+    rename = _key_renamer(model)
+
+    # model module name -> (checkpoint module name, checkpoint key)
+    found: dict[str, tuple[str, str]] = {}
+    for key, tensor in checkpoint.tensors.items():
+        if not key.endswith(".weight") or len(tensor.shape) != 2:
+            continue
+        renamed, converted = rename(key)
+        module_name = renamed[: -len(".weight")] if renamed.endswith(".weight") else None
+        if module_name is None or not isinstance(modules.get(module_name), torch.nn.Linear):
+            continue
+        if converted:
+            raise UnsupportedModelError(
+                f"transformers merges or splits checkpoint tensor {key} on load; qformat v1 cannot quantize such "
+                f"weights (model_type {model_type!r})"
+            )
+        found[module_name] = (key[: -len(".weight")], key)
+
+    output = None
+    tied = False
+    with contextlib.suppress(Exception):
+        output = model.get_output_embeddings()
+        inputs = model.get_input_embeddings()
+        tied = output is not None and inputs is not None and output.weight is inputs.weight
+    output_name = next((n for n, m in modules.items() if m is output), None) if output is not None else None
+
+    linears: dict[str, LinearModule] = {}
+    for model_name in linear_names:
+        module = modules[model_name]
+        ckpt = found.get(model_name)
+        is_output = model_name == output_name
+        if ckpt is None:
+            name, weight_key, bias_key = model_name, None, None
+            out_f, in_f = module.out_features, module.in_features
+        else:
+            name, weight_key = ckpt
+            out_f, in_f = checkpoint.tensors[weight_key].shape
+            bias_key = f"{name}.bias" if f"{name}.bias" in checkpoint.tensors else None
+        linears[name] = LinearModule(name, out_f, in_f, weight_key, bias_key, is_output, is_output and tied)
+    order = {key: i for i, key in enumerate(checkpoint.tensors)}
+    ordered = sorted(linears.values(), key=lambda m: (m.weight_key is None, order.get(m.weight_key or "", 0)))
+    architecture = type(model).__name__
+    logger.info("%s (%s): %d Linear modules", architecture, model_type, len(ordered))
+    return ModelStructure(model_type, architecture, {m.name: m for m in ordered})

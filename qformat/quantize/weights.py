@@ -1,0 +1,113 @@
+"""Quantize one Linear weight [out, in] to a scheme's stored tensors, block of rows by block of rows.
+
+Rows are independent (one scale per output channel), so the weight is processed in blocks of whole rows small enough
+to stay in cache; only the fp32 work buffers of one block and the output (1 byte per element) are ever allocated,
+never an fp32 copy of the whole weight. The source may be any float dtype and may be a read-only memory map.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from qformat.errors import NonFiniteWeightError
+from qformat.quantize.observers import MseParams, absmax_scales, mse_scales, quantize_block_
+from qformat.quantize.sparse24 import select_2_4
+from qformat.spec.schemes import Scheme
+
+__all__ = ["QuantizedWeight", "quantize_weight", "BLOCK_ELEMENTS", "VALUE_DTYPES"]
+
+#: Target number of elements per row block. Smaller blocks fit caches better but pay torch's per-op overhead more
+#: often; 1M elements measured fastest on the 2-core CI machine (docs/benchmarks.md).
+BLOCK_ELEMENTS = 1 << 20
+
+VALUE_DTYPES = {"int": torch.int8, "float": torch.float8_e4m3fn}
+
+
+@dataclass
+class QuantizedWeight:
+    """The stored tensors of one quantized weight plus its error statistics.
+
+    `values` is [out, in] (dense) or [out, in/2] (2:4), int8 or float8_e4m3fn; `scales` is float32 [out, 1];
+    `bitmask` is uint8 [out, ceil(in/8)] for 2:4 and None otherwise. `sq_norm` is ||w||^2 of the source weight,
+    `sq_error` is ||w - w_hat||^2 of the stored result against it (pruning included), `sq_quant_error` the
+    quantization part alone (against the pruned weight; equal to `sq_error` for dense weights).
+    """
+
+    values: torch.Tensor
+    scales: torch.Tensor
+    bitmask: torch.Tensor | None
+    sq_norm: float
+    sq_error: float
+    sq_quant_error: float
+
+    @property
+    def rel_error(self) -> float:
+        """Relative Frobenius error ||w - w_hat|| / ||w|| (0 for an all-zero weight)."""
+        return math.sqrt(self.sq_error / self.sq_norm) if self.sq_norm > 0 else 0.0
+
+    @property
+    def rel_quant_error(self) -> float:
+        kept = self.sq_norm - (self.sq_error - self.sq_quant_error)
+        return math.sqrt(self.sq_quant_error / kept) if kept > 0 else 0.0
+
+
+def _row_absmax(w32: torch.Tensor, name: str, row0: int) -> torch.Tensor:
+    # amax and amin separately: torch.aminmax is ~10x slower on CPU (torch 2.13). Both propagate NaN.
+    absmax = torch.maximum(w32.amax(dim=1), w32.amin(dim=1).neg_())
+    finite = torch.isfinite(absmax)
+    if not bool(finite.all()):
+        row = row0 + int((~finite).nonzero()[0, 0])
+        raise NonFiniteWeightError(
+            f"{name} holds NaN or Inf (first in row {row}); fix the source weights or keep the module in full "
+            f"precision with --ignore {name.removesuffix('.weight')}"
+        )
+    return absmax
+
+
+def quantize_weight(w: torch.Tensor, scheme: Scheme, *, observer: str = "absmax", name: str = "weight",
+                    mse: MseParams = MseParams()) -> QuantizedWeight:
+    """Quantize `w` ([out, in], any float dtype) as `scheme` says, computing scales with `observer`.
+
+    Dense: per-row scale from the row (absmax / qmax, or the MSE search), values = round(w / s) in fp32.
+    2:4: prune each group of 4 to its 2 largest magnitudes first, then compute scales from the kept values.
+    Raises `NonFiniteWeightError` if `w` contains NaN or Inf.
+    """
+    out_f, in_f = w.shape
+    qtype = scheme.weights.type
+    sparse = scheme.sparsity is not None
+    stored_in = in_f // 2 if sparse else in_f
+    values = torch.empty(out_f, stored_in, dtype=VALUE_DTYPES[qtype])
+    scales = torch.empty(out_f, 1, dtype=torch.float32)
+    bitmask = torch.empty(out_f, -(-in_f // 8), dtype=torch.uint8) if sparse else None
+    rows_per_block = max(1, BLOCK_ELEMENTS // max(in_f, 1))
+    block = torch.empty(min(rows_per_block, out_f), in_f, dtype=torch.float32)
+    scratch = torch.empty(min(rows_per_block, out_f), stored_in, dtype=torch.float32)
+    sq_norm = sq_err = sq_quant = 0.0
+    for r0 in range(0, out_f, rows_per_block):
+        r1 = min(out_f, r0 + rows_per_block)
+        w32 = block[: r1 - r0]
+        w32.copy_(w[r0:r1])
+        absmax = _row_absmax(w32, name, r0)
+        row_sq = torch.linalg.vector_norm(w32, dim=1).square_()
+        sq_norm += float(row_sq.sum(dtype=torch.float64))
+        if sparse:
+            w32, bitmask[r0:r1] = select_2_4(w32)
+            kept_sq = float(torch.linalg.vector_norm(w32, dim=1).square_().sum(dtype=torch.float64))
+            pruned_sq = max(0.0, float(row_sq.sum(dtype=torch.float64)) - kept_sq)
+            # absmax is unchanged: a row's largest magnitude is the largest of its group, so it is always kept.
+        else:
+            pruned_sq = 0.0
+        if observer == "mse":
+            s = mse_scales(w32, absmax, qtype, mse)
+        else:
+            s = absmax_scales(absmax, qtype)
+        scales[r0:r1, 0] = s
+        quantize_block_(w32, s, qtype, values[r0:r1], scratch[: r1 - r0], clip=observer == "mse")
+        residual = torch.linalg.vector_norm(w32, dim=1).mul_(s)
+        q_sq = float(residual.square_().sum(dtype=torch.float64))
+        sq_quant += q_sq
+        sq_err += q_sq + pruned_sq
+    return QuantizedWeight(values, scales, bitmask, sq_norm, sq_err, sq_quant)

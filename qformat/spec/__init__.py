@@ -1,0 +1,38 @@
+"""The qformat checkpoint format v1 as code: schemes, patterns, fused groups, tensor layout and the config block.
+
+Importing this subpackage does not import torch. docs/FORMAT.md is the normative text.
+"""
+
+from qformat.spec.config import FALLBACK_REASONS, FORMAT_VERSION, QUANT_METHOD, FallbackEntry, QFormatConfig
+from qformat.spec.fused import DEFAULT_FUSED_GROUPS, FUSED_GROUPS_BY_MODEL_TYPE, fused_groups_for, group_modules
+from qformat.spec.layout import DTYPE_SIZES, SCALE_DTYPE, TensorSpec, module_tensors, quantized_nbytes, shape_problem
+from qformat.spec.patterns import REGEX_PREFIX, first_match, pattern_matches, validate_pattern
+from qformat.spec.schemes import BUILTIN_SCHEMES, SPARSITY_2_4, QuantArgs, Scheme, resolve_scheme_name, scheme_names
+
+__all__ = [
+    "BUILTIN_SCHEMES",
+    "DEFAULT_FUSED_GROUPS",
+    "DTYPE_SIZES",
+    "FALLBACK_REASONS",
+    "FORMAT_VERSION",
+    "FUSED_GROUPS_BY_MODEL_TYPE",
+    "FallbackEntry",
+    "QFormatConfig",
+    "QUANT_METHOD",
+    "QuantArgs",
+    "REGEX_PREFIX",
+    "SCALE_DTYPE",
+    "SPARSITY_2_4",
+    "Scheme",
+    "TensorSpec",
+    "first_match",
+    "fused_groups_for",
+    "group_modules",
+    "module_tensors",
+    "pattern_matches",
+    "quantized_nbytes",
+    "resolve_scheme_name",
+    "scheme_names",
+    "shape_problem",
+    "validate_pattern",
+]

@@ -1,0 +1,99 @@
+"""Tensor names, dtypes and shapes of a quantized module, and the shape rules a module must meet to be quantized.
+
+Dtypes are safetensors header codes ("I8", "F8_E4M3", ...), so this module needs no torch. The names are those
+compressed-tensors uses for the same data: `weight` + `weight_scale` for dense modules, and the legacy
+`sparse-24-bitmask` names `compressed` + `bitmask` + `shape` for 2:4 modules.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from qformat.spec.schemes import Scheme
+
+__all__ = [
+    "TensorSpec",
+    "SCALE_DTYPE",
+    "module_tensors",
+    "quantized_nbytes",
+    "shape_problem",
+    "DTYPE_SIZES",
+    "WEIGHT_SUFFIXES",
+]
+
+#: Scales are always stored as float32, whatever the model's dtype.
+SCALE_DTYPE = "F32"
+
+#: Bytes per element of every safetensors dtype code a qformat checkpoint may contain.
+DTYPE_SIZES: dict[str, int] = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1,
+    "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+    "I32": 4, "U32": 4, "F32": 4,
+    "I64": 8, "U64": 8, "F64": 8,
+}  # fmt: skip
+
+#: Every tensor-name suffix a quantized module may have (relative to the module name).
+WEIGHT_SUFFIXES = ("weight", "weight_scale", "input_scale", "compressed", "bitmask", "shape")
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One tensor of a checkpoint as the header describes it."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        n = DTYPE_SIZES[self.dtype]
+        for dim in self.shape:
+            n *= dim
+        return n
+
+
+def _value_dtype(scheme: Scheme) -> str:
+    return "I8" if scheme.weights.type == "int" else "F8_E4M3"
+
+
+def module_tensors(module: str, scheme: Scheme, out_features: int, in_features: int) -> list[TensorSpec]:
+    """The tensors a module quantized with `scheme` stores (a bias, if any, is stored unchanged and not listed).
+
+    Dense: `weight` [out, in] (I8 or F8_E4M3) and `weight_scale` [out, 1] F32. 2:4: `compressed` [out, in/2] holding
+    the kept values row by row, `bitmask` U8 [out, ceil(in/8)] (bit j of byte k is column 8k+j, 1 = kept) and `shape`
+    I64 [2, 1] = [[out], [in]], plus `weight_scale`. A static activation scale adds `input_scale` F32 [1].
+    """
+    value = _value_dtype(scheme)
+    if scheme.sparsity is None:
+        tensors = [TensorSpec(f"{module}.weight", value, (out_features, in_features))]
+    else:
+        tensors = [
+            TensorSpec(f"{module}.compressed", value, (out_features, in_features // 2)),
+            TensorSpec(f"{module}.bitmask", "U8", (out_features, -(-in_features // 8))),
+            TensorSpec(f"{module}.shape", "I64", (2, 1)),
+        ]
+    tensors.append(TensorSpec(f"{module}.weight_scale", SCALE_DTYPE, (out_features, 1)))
+    if scheme.has_static_input_scale:
+        tensors.append(TensorSpec(f"{module}.input_scale", SCALE_DTYPE, (1,)))
+    return tensors
+
+
+def quantized_nbytes(scheme: Scheme, out_features: int, in_features: int) -> int:
+    """Bytes a quantized module's tensors take (the formula docs/FORMAT.md gives), bias excluded."""
+    return sum(t.nbytes for t in module_tensors("m", scheme, out_features, in_features))
+
+
+def shape_problem(scheme: Scheme, out_features: int, in_features: int) -> str | None:
+    """Why a module of this shape cannot take `scheme`, or None if it can.
+
+    Format v1 rules (docs/FORMAT.md, "Shape rules"): every quantized module needs in and out features that are
+    multiples of 16 (the CPU int8 weight-only kernel with bf16 activations needs K % 16 == 0, CUDA `_scaled_mm` needs
+    both dimensions % 16, `_int_mm` % 8); a 2:4 module also needs multiples of 32 (cuSPARSELt's int8/fp8 tile).
+    """
+    multiple = 32 if scheme.sparsity is not None else 16
+    bad = [f"{label}={size}" for label, size in (("out_features", out_features), ("in_features", in_features))
+           if size % multiple != 0 or size == 0]  # fmt: skip
+    if bad:
+        what = "2:4 kernels need" if scheme.sparsity is not None else "int8/fp8 kernels need"
+        return f"{', '.join(bad)}: {what} multiples of {multiple}"
+    return None

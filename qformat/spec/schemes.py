@@ -1,0 +1,159 @@
+"""Quantization schemes: what a quantized module stores and how its activations are quantized at run time.
+
+A scheme is plain data (no torch import) so that the spec can be read and validated anywhere. The field names follow
+compressed-tensors' `QuantizationArgs` (`type`, `num_bits`, `strategy`, `symmetric`, `dynamic`) wherever the meaning
+is the same, so that an export to compressed-tensors is a renaming, not a translation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from qformat.errors import FormatError, OptionError
+
+__all__ = [
+    "SPARSITY_2_4",
+    "QuantArgs",
+    "Scheme",
+    "BUILTIN_SCHEMES",
+    "resolve_scheme_name",
+    "scheme_names",
+]
+
+SPARSITY_2_4 = "2:4"
+_SPARSE_SUFFIX = "+" + SPARSITY_2_4
+
+
+@dataclass(frozen=True, kw_only=True)
+class QuantArgs:
+    """How one tensor (weights or input activations) is quantized.
+
+    `type` is "int" (8-bit symmetric integers) or "float" (8-bit float, always e4m3fn in format v1). `strategy` is
+    "channel" (one scale per output row, weights only), "token" (one scale per row of the input, computed at run time)
+    or "tensor" (one scale for the whole tensor; static activation scales only).
+    """
+
+    type: str
+    num_bits: int = 8
+    strategy: str
+    symmetric: bool = True
+    dynamic: bool = False
+
+    def __post_init__(self) -> None:
+        if self.type not in ("int", "float"):
+            raise FormatError(f"quantization type must be 'int' or 'float', not {self.type!r}")
+        if self.num_bits != 8:
+            raise FormatError(f"format v1 stores 8-bit values only, not {self.num_bits}-bit")
+        if self.strategy not in ("channel", "token", "tensor"):
+            raise FormatError(f"strategy must be 'channel', 'token' or 'tensor', not {self.strategy!r}")
+        if not self.symmetric:
+            raise FormatError("format v1 is symmetric only (no zero points)")
+        if self.strategy == "token" and not self.dynamic:
+            raise FormatError("per-token activation quantization must be dynamic")
+
+    @property
+    def torch_dtype_name(self) -> str:
+        """The storage dtype name: "int8" or "float8_e4m3fn"."""
+        return "int8" if self.type == "int" else "float8_e4m3fn"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "type": self.type,
+            "num_bits": self.num_bits,
+            "strategy": self.strategy,
+            "symmetric": self.symmetric,
+            "dynamic": self.dynamic,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> QuantArgs:
+        if not isinstance(data, dict):
+            raise FormatError(f"quantization args must be an object, got {type(data).__name__}")
+        known = {"type", "num_bits", "strategy", "symmetric", "dynamic"}
+        try:
+            return cls(**{k: v for k, v in data.items() if k in known})
+        except TypeError as exc:
+            raise FormatError(f"quantization args {data!r} are incomplete: {exc}") from None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Scheme:
+    """Weights + optional input activations + optional 2:4 sparsity, as stored for one module."""
+
+    weights: QuantArgs
+    input_activations: QuantArgs | None = None
+    sparsity: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.weights.strategy != "channel" or self.weights.dynamic:
+            raise FormatError("format v1 weights are static and per output channel (strategy 'channel')")
+        act = self.input_activations
+        if act is not None and act.strategy == "channel":
+            raise FormatError("input activations are quantized per 'token' (dynamic) or per 'tensor' (static)")
+        if act is not None and act.type != self.weights.type:
+            raise FormatError("format v1 quantizes weights and activations with the same type (int/int or float/float)")
+        if self.sparsity not in (None, SPARSITY_2_4):
+            raise FormatError(f"sparsity must be null or '2:4', not {self.sparsity!r}")
+
+    @property
+    def has_static_input_scale(self) -> bool:
+        return self.input_activations is not None and not self.input_activations.dynamic
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "weights": self.weights.to_dict(),
+            "input_activations": None if self.input_activations is None else self.input_activations.to_dict(),
+            "sparsity": self.sparsity,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Scheme:
+        if not isinstance(data, dict) or "weights" not in data:
+            raise FormatError(f"a scheme must be an object with 'weights', got {data!r}")
+        act = data.get("input_activations")
+        return cls(
+            weights=QuantArgs.from_dict(data["weights"]),
+            input_activations=None if act is None else QuantArgs.from_dict(act),
+            sparsity=data.get("sparsity"),
+        )
+
+    def with_sparsity(self, sparsity: str | None) -> Scheme:
+        return Scheme(weights=self.weights, input_activations=self.input_activations, sparsity=sparsity)
+
+
+_INT8_W = QuantArgs(type="int", strategy="channel")
+_FP8_W = QuantArgs(type="float", strategy="channel")
+_INT8_TOKEN = QuantArgs(type="int", strategy="token", dynamic=True)
+_FP8_TOKEN = QuantArgs(type="float", strategy="token", dynamic=True)
+
+#: The schemes `qformat convert --scheme` knows, by the names users know them by. Each also exists with a "+2:4"
+#: suffix (e.g. "fp8-dynamic+2:4"), the same scheme with 2:4 structured sparsity.
+BUILTIN_SCHEMES: dict[str, Scheme] = {
+    "w8a16-int8": Scheme(weights=_INT8_W),
+    "w8a8-int8": Scheme(weights=_INT8_W, input_activations=_INT8_TOKEN),
+    "fp8-dynamic": Scheme(weights=_FP8_W, input_activations=_FP8_TOKEN),
+    "fp8-weight-only": Scheme(weights=_FP8_W),
+}
+
+
+def scheme_names() -> list[str]:
+    """Every scheme name `resolve_scheme_name` accepts, dense names first."""
+    return list(BUILTIN_SCHEMES) + [name + _SPARSE_SUFFIX for name in BUILTIN_SCHEMES]
+
+
+def resolve_scheme_name(name: str, *, sparsity: str | None = None) -> tuple[str, Scheme]:
+    """Map a user-facing scheme name (optionally with "+2:4") to its canonical name and definition.
+
+    `sparsity="2:4"` adds 2:4 to a dense name, which is what `--sparsity 2:4` does to every scheme of a conversion.
+    """
+    base = name.strip().lower()
+    sparse = sparsity
+    if base.endswith(_SPARSE_SUFFIX):
+        base, sparse = base[: -len(_SPARSE_SUFFIX)], SPARSITY_2_4
+    if base not in BUILTIN_SCHEMES:
+        raise OptionError(f"unknown scheme {name!r}; choose one of: {', '.join(scheme_names())}")
+    if sparse not in (None, SPARSITY_2_4):
+        raise OptionError(f"unknown sparsity {sparse!r}; the only structured sparsity qformat supports is '2:4'")
+    canonical = base + (_SPARSE_SUFFIX if sparse else "")
+    return canonical, BUILTIN_SCHEMES[base].with_sparsity(sparse)
