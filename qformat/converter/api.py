@@ -27,6 +27,9 @@ __all__ = ["ConvertResult", "convert"]
 
 logger = logging.getLogger(__name__)
 
+#: Bytes of source read ahead in the background while the model structure is analyzed (imports take seconds).
+READAHEAD_START = 512 * 2**20
+
 
 @dataclass(frozen=True)
 class ConvertResult:
@@ -148,6 +151,7 @@ def convert(source: str | os.PathLike[str], output: str | os.PathLike[str], *, s
     src = resolve_source(source, revision=revision)
     check_output_location(out, source=src.path, overwrite=overwrite)
     checkpoint = SourceCheckpoint(src.path)
+    checkpoint.readahead(READAHEAD_START)
     structure = analyze_structure(src.path, checkpoint)
     plan = plan_conversion(structure, options)
     layout = plan_output(checkpoint, plan, options.max_shard_size)

@@ -8,9 +8,11 @@ the writer, closes every file and propagates; the caller's atomic folder then di
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +27,8 @@ from qformat.quantize.weights import quantize_weight
 __all__ = ["ModuleStats", "run_pipeline"]
 
 _QUEUE_DEPTH = 3
+#: How far ahead of the tensor being converted the source is read from disk.
+READAHEAD_BYTES = 256 * 2**20
 
 
 @dataclass
@@ -115,6 +119,19 @@ def _convert_job(job: SourceJob, reader: TensorReader, writer: _WriterThread, re
     writer.put((job.shard, f"{module.name}.weight_scale", _bytes_of(q.scales), None))
 
 
+@contextmanager
+def _leave_a_core_for_the_writer() -> Iterator[None]:
+    """Quantize with one thread fewer than the cores this process may use, so the writer thread (hashing, copying
+    into the page cache) runs beside it instead of preempting it (measured: docs/benchmarks.md)."""
+    before = torch.get_num_threads()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    torch.set_num_threads(max(1, min(before, cores - 1)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def run_pipeline(layout: OutputLayout, reader: TensorReader, folder: Path, *, progress: bool) -> _Result:
     """Write every shard of `layout` into `folder`; return the tensor hashes and per-module statistics."""
     result = _Result()
@@ -128,11 +145,16 @@ def run_pipeline(layout: OutputLayout, reader: TensorReader, folder: Path, *, pr
         writer.start()
         try:
             jobs = layout.jobs
-            for i, job in enumerate(jobs):
-                if i + 1 < len(jobs):
-                    reader.prefetch(jobs[i + 1].source)
-                _convert_job(job, reader, writer, result)
-                bar.update(job.source.nbytes)
+            ahead, ahead_bytes, done_bytes = 0, 0, 0
+            with _leave_a_core_for_the_writer():
+                for job in jobs:
+                    while ahead < len(jobs) and ahead_bytes - done_bytes < READAHEAD_BYTES:
+                        reader.prefetch(jobs[ahead].source)
+                        ahead_bytes += jobs[ahead].source.nbytes
+                        ahead += 1
+                    _convert_job(job, reader, writer, result)
+                    done_bytes += job.source.nbytes
+                    bar.update(job.source.nbytes)
         finally:
             writer.finish()
         for shard in writers:

@@ -164,6 +164,29 @@ class SourceCheckpoint:
             total += n
         return total
 
+    def readahead(self, limit: int) -> None:
+        """Ask the kernel to start reading the first `limit` bytes of tensor data from disk in the background.
+
+        Called before the (slow) model-structure analysis, so the disk works while transformers imports.
+        """
+        if self.format != "safetensors":
+            return
+        for file in self.files:
+            if limit <= 0:
+                return
+            try:
+                fd = os.open(self.folder / file, os.O_RDONLY)
+            except OSError:
+                return
+            try:
+                size = os.fstat(fd).st_size
+                os.posix_fadvise(fd, 0, min(size, limit), os.POSIX_FADV_WILLNEED)
+                limit -= size
+            except (OSError, AttributeError):
+                pass  # advice only
+            finally:
+                os.close(fd)
+
     def header_entry(self, tensor: SourceTensor) -> HeaderEntry:
         return self._headers[tensor.file][tensor.name]
 
