@@ -63,13 +63,15 @@ def quantize_block_(w32: torch.Tensor, scales: torch.Tensor, qtype: str, out: to
     """
     qmax = QMAX[qtype]
     w32.div_(scales[:, None])
-    if clip:
-        w32.clamp_(-qmax, qmax)
+    source = w32
+    if clip:  # clamp a copy: the residual must include the clipping error
+        torch.clamp(w32, -qmax, qmax, out=scratch)
+        source = scratch
     if qtype == "int":
-        torch.round(w32, out=scratch)
+        torch.round(source, out=scratch)
         out.copy_(scratch)
     else:
-        out.copy_(w32)
+        out.copy_(source)
         fp8_to_float32(out, scratch)
     w32.sub_(scratch)
 

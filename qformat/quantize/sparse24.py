@@ -21,11 +21,12 @@ __all__ = ["select_2_4", "unpack_bitmask", "decompress_2_4"]
 _PAIRS = list(itertools.combinations(range(4), 2))  # (0,1) (0,2) (0,3) (1,2) (1,3) (2,3)
 
 
-def _build_tables() -> tuple[torch.Tensor, torch.Tensor]:
+def _build_tables() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Map the 6 pairwise comparisons of a group (bit p set: the lower index of pair p wins) to the kept nibble
-    (bit i set: element i kept) and to the two kept indices in ascending order."""
+    (bit i set: element i kept), the two kept indices and the two dropped indices, in ascending order."""
     nibble = torch.zeros(64, dtype=torch.uint8)
     kept_idx = torch.zeros(64, 2, dtype=torch.int64)
+    dropped_idx = torch.zeros(64, 2, dtype=torch.int64)
     for code in range(64):
         beaten = [0, 0, 0, 0]
         for p, (i, j) in enumerate(_PAIRS):
@@ -37,16 +38,19 @@ def _build_tables() -> tuple[torch.Tensor, torch.Tensor]:
         if len(kept) == 2:  # inconsistent (cyclic) codes cannot arise from real comparisons
             nibble[code] = sum(1 << i for i in kept)
             kept_idx[code] = torch.tensor(kept)
-    return nibble, kept_idx
+            dropped_idx[code] = torch.tensor([i for i in range(4) if i not in kept])
+    return nibble, kept_idx, dropped_idx
 
 
-_NIBBLE, _KEPT_IDX = _build_tables()
+_NIBBLE, _KEPT_IDX, _DROPPED_IDX = _build_tables()
 
 
-def select_2_4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Prune `w` ([rows, in], in % 4 == 0) to 2:4 and return (kept values [rows, in/2], bitmask uint8 [rows, ceil(in/8)]).
+def select_2_4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Prune `w` ([rows, in], in % 4 == 0) to 2:4.
 
-    The kept values keep `w`'s dtype and appear row by row in column order.
+    Returns (kept values [rows, in/2], bitmask uint8 [rows, ceil(in/8)], dropped values [rows, in/2]). Values keep
+    `w`'s dtype and appear row by row in column order; the dropped ones let callers measure the pruning error
+    without cancellation.
     """
     rows, cols = w.shape
     if cols % 4:
@@ -60,11 +64,12 @@ def select_2_4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     index = code.long()
     nibble = _NIBBLE[index]
     values = torch.gather(groups, 2, _KEPT_IDX[index]).reshape(rows, cols // 2)
+    dropped = torch.gather(groups, 2, _DROPPED_IDX[index]).reshape(rows, cols // 2)
     if (cols // 4) % 2:
         nibble = torch.nn.functional.pad(nibble, (0, 1))
     pairs = nibble.reshape(rows, -1, 2)
     bitmask = pairs[..., 0] | (pairs[..., 1] << 4)
-    return values, bitmask
+    return values, bitmask, dropped
 
 
 def unpack_bitmask(bitmask: torch.Tensor, in_features: int) -> torch.Tensor:

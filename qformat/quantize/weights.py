@@ -33,7 +33,8 @@ class QuantizedWeight:
     `values` is [out, in] (dense) or [out, in/2] (2:4), int8 or float8_e4m3fn; `scales` is float32 [out, 1];
     `bitmask` is uint8 [out, ceil(in/8)] for 2:4 and None otherwise. `sq_norm` is ||w||^2 of the source weight,
     `sq_error` is ||w - w_hat||^2 of the stored result against it (pruning included), `sq_quant_error` the
-    quantization part alone (against the pruned weight; equal to `sq_error` for dense weights).
+    quantization part alone and `sq_kept` the ||.||^2 of the kept values (both equal to the dense figures for
+    dense weights).
     """
 
     values: torch.Tensor
@@ -48,10 +49,11 @@ class QuantizedWeight:
         """Relative Frobenius error ||w - w_hat|| / ||w|| (0 for an all-zero weight)."""
         return math.sqrt(self.sq_error / self.sq_norm) if self.sq_norm > 0 else 0.0
 
+    sq_kept: float = 0.0
+
     @property
     def rel_quant_error(self) -> float:
-        kept = self.sq_norm - (self.sq_error - self.sq_quant_error)
-        return math.sqrt(self.sq_quant_error / kept) if kept > 0 else 0.0
+        return math.sqrt(self.sq_quant_error / self.sq_kept) if self.sq_kept > 0 else 0.0
 
 
 def _row_absmax(w32: torch.Tensor, name: str, row0: int) -> torch.Tensor:
@@ -85,29 +87,34 @@ def quantize_weight(w: torch.Tensor, scheme: Scheme, *, observer: str = "absmax"
     rows_per_block = max(1, BLOCK_ELEMENTS // max(in_f, 1))
     block = torch.empty(min(rows_per_block, out_f), in_f, dtype=torch.float32)
     scratch = torch.empty(min(rows_per_block, out_f), stored_in, dtype=torch.float32)
-    sq_norm = sq_err = sq_quant = 0.0
+    sq_norm = sq_kept = sq_err = sq_quant = 0.0
     for r0 in range(0, out_f, rows_per_block):
         r1 = min(out_f, r0 + rows_per_block)
         w32 = block[: r1 - r0]
         w32.copy_(w[r0:r1])
         absmax = _row_absmax(w32, name, r0)
-        row_sq = torch.linalg.vector_norm(w32, dim=1).square_()
-        sq_norm += float(row_sq.sum(dtype=torch.float64))
+        # squares of fp32 values outside ~[1e-19, 1e19] under/overflow: such blocks get their norms in float64
+        extreme = bool(((absmax > 0) & (absmax < 1e-15)).any() or (absmax > 1e15).any())
+        norm_dtype = torch.float64 if extreme else None
+        row_sq = torch.linalg.vector_norm(w32, dim=1, dtype=norm_dtype).double().square_()
+        sq_norm += float(row_sq.sum())
         if sparse:
-            w32, bitmask[r0:r1] = select_2_4(w32)
-            kept_sq = float(torch.linalg.vector_norm(w32, dim=1).square_().sum(dtype=torch.float64))
-            pruned_sq = max(0.0, float(row_sq.sum(dtype=torch.float64)) - kept_sq)
+            w32, bitmask[r0:r1], dropped = select_2_4(w32)
+            pruned_sq = float(torch.linalg.vector_norm(dropped, dim=1, dtype=norm_dtype).double().square_().sum())
+            sq_kept += float(torch.linalg.vector_norm(w32, dim=1, dtype=norm_dtype).double().square_().sum())
             # absmax is unchanged: a row's largest magnitude is the largest of its group, so it is always kept.
         else:
             pruned_sq = 0.0
+            sq_kept += float(row_sq.sum())
         if observer == "mse":
             s = mse_scales(w32, absmax, qtype, mse)
         else:
             s = absmax_scales(absmax, qtype)
         scales[r0:r1, 0] = s
         quantize_block_(w32, s, qtype, values[r0:r1], scratch[: r1 - r0], clip=observer == "mse")
-        residual = torch.linalg.vector_norm(w32, dim=1).mul_(s)
-        q_sq = float(residual.square_().sum(dtype=torch.float64))
+        # the residual is in units of the scale (|w/s - q| <= ~0.5): safe in fp32, rescaled in float64
+        residual = torch.linalg.vector_norm(w32, dim=1).double().mul_(s.double())
+        q_sq = float(residual.square_().sum())
         sq_quant += q_sq
         sq_err += q_sq + pruned_sq
-    return QuantizedWeight(values, scales, bitmask, sq_norm, sq_err, sq_quant)
+    return QuantizedWeight(values, scales, bitmask, sq_norm, sq_err, sq_quant, sq_kept)

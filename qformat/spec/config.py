@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from qformat.errors import FormatError, UnsupportedFormatVersionError
+from qformat.errors import FormatError, OptionError, UnsupportedFormatVersionError
 from qformat.spec.fused import FusedGroups
 from qformat.spec.patterns import first_match, validate_pattern
 from qformat.spec.schemes import Scheme
@@ -88,7 +88,10 @@ class QFormatConfig:
         if self.default_scheme not in self.schemes:
             raise FormatError(f"default_scheme {self.default_scheme!r} is not defined in 'schemes'")
         for pattern, name in self.overrides:
-            validate_pattern(pattern)
+            try:
+                validate_pattern(pattern)
+            except OptionError as exc:
+                raise FormatError(f"overrides: {exc}") from None
             if name not in self.schemes:
                 raise FormatError(f"override {pattern!r} names scheme {name!r}, which is not defined in 'schemes'")
         seen: set[str] = set()

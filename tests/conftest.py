@@ -1,0 +1,65 @@
+"""Test-wide setup: no network, a private Hugging Face home, the `cuda` marker, and tiny models built once.
+
+The environment is set at import time, before anything imports huggingface_hub (it reads HF_* variables when it is
+imported), and is inherited by the CLI subprocesses the tests start.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+assert "huggingface_hub" not in sys.modules, "conftest must configure the Hub environment before it is imported"
+_HF_HOME = tempfile.mkdtemp(prefix="qformat-test-hf-home-")
+os.environ["HF_HOME"] = _HF_HOME
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.pop("HF_TOKEN", None)
+os.environ.pop("HF_ENDPOINT", None)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from qformat.testing import TINY_ARCHITECTURES, save_tiny_model  # noqa: E402
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU; none is present")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """One saved tiny random model per test architecture (llama, opt, bart, xlm-roberta), fp32."""
+    root = tmp_path_factory.mktemp("tiny-models")
+    return {arch: save_tiny_model(arch, root / arch) for arch in TINY_ARCHITECTURES}
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_bf16(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny_model("llama", tmp_path_factory.mktemp("tiny-llama-bf16") / "llama", dtype=torch.bfloat16)
+
+
+def tree_digest(folder: Path) -> str:
+    """A digest of every file's relative path, mode and bytes under `folder`: proof that a source was not modified."""
+    digest = hashlib.sha256()
+    for path in sorted(folder.rglob("*")):
+        rel = path.relative_to(folder).as_posix()
+        digest.update(rel.encode())
+        if path.is_file():
+            digest.update(str(path.stat().st_mode).encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+@pytest.fixture
+def digest():
+    return tree_digest
