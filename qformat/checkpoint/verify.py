@@ -3,8 +3,9 @@
 Checks, in order: config and version; weight files, headers and index agree; every quantized module stores exactly
 the tensors its scheme needs with the right dtypes and shapes, meets the shape rules, and is not also in the
 fallback list; fallback modules store plain float weights; scales are finite and positive; fp8 values hold no NaN;
-2:4 bitmasks keep exactly two of every four; the statistics name the same modules; and, if hashes are recorded,
-every tensor is present and its bytes hash as recorded.
+2:4 bitmasks keep exactly two of every four; the statistics name the same modules; the model (built on the meta
+device from config.json) has no Linear module that is neither quantized nor in the fallback list; and, if hashes
+are recorded, every tensor is present and its bytes hash as recorded.
 """
 
 from __future__ import annotations
@@ -25,13 +26,19 @@ _FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
 
 @dataclass(frozen=True)
 class VerifyReport:
-    """What `verify` checked (it raises on the first problem, so a report means the checkpoint passed)."""
+    """What `verify` checked (it raises on the first problem, so a report means the checkpoint passed).
+
+    `linear_modules` is the number of Linear modules of the model, each found quantized or in the fallback list;
+    None when the installed transformers cannot build the architecture (`structure_note` says why).
+    """
 
     folder: Path
     tensors: int
     quantized_modules: int
     fallback_modules: int
     hashes_checked: int
+    linear_modules: int | None = None
+    structure_note: str = ""
 
 
 def _fail(where: str, problem: str) -> FormatError:
@@ -104,7 +111,34 @@ def _check_hashes(ckpt: QFormatCheckpoint) -> int:
     return len(recorded)
 
 
-def verify(folder: str | Path, *, check_hashes: bool = True) -> VerifyReport:
+def _check_structure(ckpt: QFormatCheckpoint, quantized: list[str]) -> tuple[int | None, str]:
+    """Build the model on meta: every Linear must be quantized or in the fallback list, and the list names Linears."""
+    from qformat.converter.structure import analyze_structure
+    from qformat.errors import UnsupportedModelError
+
+    shapes = {name: entry.shape for name, (_, entry) in ckpt.tensors.items()}
+    for module in quantized:  # a 2:4 module stores no .weight; present it as the dense weight it stands for
+        if f"{module}.weight" not in shapes and f"{module}.shape" in shapes:
+            shapes[f"{module}.weight"] = tuple(int(v) for v in ckpt.load(f"{module}.shape").reshape(-1).tolist())
+    try:
+        structure = analyze_structure(ckpt.folder, shapes, quantized=True)
+    except UnsupportedModelError as exc:
+        return None, f"model structure not checked: {exc}"
+    fallback = ckpt.qconfig.fallback_modules
+    quantized_set = set(quantized)
+    for name in structure.linears:
+        if name not in quantized_set and name not in fallback:
+            raise _fail(name, "is a Linear module that is neither quantized nor in the fallback list")
+    for name in fallback:
+        if name not in structure.linears:
+            raise _fail(name, "is in the fallback list but is not a Linear module of the model")
+    for name in quantized:
+        if name not in structure.linears:
+            raise _fail(name, "stores quantized tensors but is not a Linear module of the model")
+    return len(structure.linears), ""
+
+
+def verify(folder: str | Path, *, check_hashes: bool = True, check_structure: bool = True) -> VerifyReport:
     """Check the checkpoint in `folder` against the format spec; raise `FormatError` naming the first problem."""
     ckpt = open_checkpoint(folder)
     qconfig = ckpt.qconfig
@@ -131,5 +165,6 @@ def verify(folder: str | Path, *, check_hashes: bool = True) -> VerifyReport:
     if isinstance(stats, dict) and set(stats) != set(quantized):
         odd = sorted(set(stats) ^ set(quantized))[0]
         raise _fail(odd, "statistics.modules and the stored quantized modules disagree")
+    linears, note = _check_structure(ckpt, quantized) if check_structure else (None, "model structure not checked")
     hashes = _check_hashes(ckpt) if check_hashes else 0
-    return VerifyReport(ckpt.folder, len(ckpt.tensors), len(quantized), len(qconfig.fallback), hashes)
+    return VerifyReport(ckpt.folder, len(ckpt.tensors), len(quantized), len(qconfig.fallback), hashes, linears, note)

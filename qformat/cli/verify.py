@@ -18,6 +18,9 @@ def verify_command(directory: str, no_hashes: bool) -> None:
         from qformat.checkpoint.verify import verify
 
         report = verify(directory, check_hashes=not no_hashes)
-        click.echo(f"ok: {report.folder} follows qformat format v1 ({report.tensors} tensors, "
-                   f"{report.quantized_modules} quantized modules, {report.fallback_modules} in full precision, "
+        linears = f"{report.linear_modules} Linear modules: " if report.linear_modules is not None else ""
+        click.echo(f"ok: {report.folder} follows qformat format v1 ({report.tensors} tensors; {linears}"
+                   f"{report.quantized_modules} quantized, {report.fallback_modules} in full precision; "
                    f"{report.hashes_checked} hashes checked)")
+        if report.structure_note:
+            click.echo(f"note: {report.structure_note}")

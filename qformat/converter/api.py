@@ -152,13 +152,13 @@ def convert(source: str | os.PathLike[str], output: str | os.PathLike[str], *, s
     check_output_location(out, source=src.path, overwrite=overwrite)
     checkpoint = SourceCheckpoint(src.path)
     checkpoint.readahead(READAHEAD_START)
-    structure = analyze_structure(src.path, checkpoint)
+    structure = analyze_structure(src.path, {name: t.shape for name, t in checkpoint.tensors.items()})
     plan = plan_conversion(structure, options)
     layout = plan_output(checkpoint, plan, options.max_shard_size)
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         _copied, skipped = copy_support_files(src.path, tmp)
         read = set(checkpoint.files) | ({checkpoint.index_file} if checkpoint.index_file else set())
-        skipped = [f for f in skipped if f not in read]
+        skipped = sorted(f for f in skipped if f not in read)
         with checkpoint.reader() as reader:
             result = run_pipeline(layout, reader, tmp, progress=progress)
         _reread(tmp, layout)

@@ -11,14 +11,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from qformat.errors import UnsupportedModelError
-from qformat.io.source import SourceCheckpoint
 
 __all__ = ["LinearModule", "ModelStructure", "analyze_structure"]
 
@@ -66,7 +65,7 @@ def _quiet_transformers() -> Iterator[None]:
         hf_logging.set_verbosity(level)
 
 
-def _load_config(folder: Path):  # -> transformers.PretrainedConfig
+def _load_config(folder: Path, *, quantized: bool = False):  # -> transformers.PretrainedConfig
     import json
 
     from transformers import AutoConfig
@@ -77,7 +76,7 @@ def _load_config(folder: Path):  # -> transformers.PretrainedConfig
         raise UnsupportedModelError(f"config.json cannot be read ({exc}); fix or re-download it") from None
     if not isinstance(raw, dict):
         raise UnsupportedModelError("config.json is not a JSON object; fix or re-download it")
-    if raw.get("quantization_config"):
+    if raw.get("quantization_config") and not quantized:
         method = raw["quantization_config"].get("quant_method", "unknown") if isinstance(raw["quantization_config"], dict) else "unknown"
         raise UnsupportedModelError(
             f"the source is already quantized (quant_method {method!r}); convert from the full-precision model"
@@ -85,7 +84,10 @@ def _load_config(folder: Path):  # -> transformers.PretrainedConfig
     model_type = raw.get("model_type")
     try:
         with _quiet_transformers():
-            return AutoConfig.from_pretrained(folder, trust_remote_code=False)
+            config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
+        if quantized and hasattr(config, "quantization_config"):
+            del config.quantization_config  # the structure is the unquantized model's; nothing here loads weights
+        return config
     except (ValueError, KeyError, OSError) as exc:
         import transformers
 
@@ -164,9 +166,12 @@ def _refuse_fused_experts(model: torch.nn.Module, model_type: str) -> None:
             )
 
 
-def analyze_structure(folder: Path, checkpoint: SourceCheckpoint) -> ModelStructure:
-    """Build the model on meta and find every Linear module and where its weight is in `checkpoint`."""
-    config = _load_config(folder)
+def analyze_structure(folder: Path, shapes: Mapping[str, tuple[int, ...]], *,
+                      quantized: bool = False) -> ModelStructure:
+    """Build the model of `folder`'s config.json on meta and find every Linear module and its weight among the
+    checkpoint tensors `shapes` (name -> shape, in checkpoint order). `quantized=True` accepts a config that has a
+    quantization_config (to check a converted checkpoint's structure)."""
+    config = _load_config(folder, quantized=quantized)
     model = _build_meta_model(config)
     model_type = getattr(config, "model_type", "") or ""
     _refuse_fused_experts(model, model_type)
@@ -176,8 +181,8 @@ def analyze_structure(folder: Path, checkpoint: SourceCheckpoint) -> ModelStruct
 
     # model module name -> (checkpoint module name, checkpoint key)
     found: dict[str, tuple[str, str]] = {}
-    for key, tensor in checkpoint.tensors.items():
-        if not key.endswith(".weight") or len(tensor.shape) != 2:
+    for key, shape in shapes.items():
+        if not key.endswith(".weight") or len(shape) != 2:
             continue
         renamed, converted = rename(key)
         module_name = renamed[: -len(".weight")] if renamed.endswith(".weight") else None
@@ -208,10 +213,10 @@ def analyze_structure(folder: Path, checkpoint: SourceCheckpoint) -> ModelStruct
             out_f, in_f = module.out_features, module.in_features
         else:
             name, weight_key = ckpt
-            out_f, in_f = checkpoint.tensors[weight_key].shape
-            bias_key = f"{name}.bias" if f"{name}.bias" in checkpoint.tensors else None
+            out_f, in_f = shapes[weight_key]
+            bias_key = f"{name}.bias" if f"{name}.bias" in shapes else None
         linears[name] = LinearModule(name, out_f, in_f, weight_key, bias_key, is_output, is_output and tied)
-    order = {key: i for i, key in enumerate(checkpoint.tensors)}
+    order = {key: i for i, key in enumerate(shapes)}
     ordered = sorted(linears.values(), key=lambda m: (m.weight_key is None, order.get(m.weight_key or "", 0)))
     architecture = type(model).__name__
     logger.info("%s (%s): %d Linear modules", architecture, model_type, len(ordered))

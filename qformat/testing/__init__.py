@@ -1,5 +1,6 @@
 """Helpers for tests and examples: tiny random models built from config, with no network."""
 
-from qformat.testing.tiny_models import TINY_ARCHITECTURES, build_tiny_model, save_tiny_model
+from qformat.testing.bounds import FP32_SLACK, spec_error_bound
+from qformat.testing.tiny_models import TINY_ARCHITECTURES, build_tiny_model, save_random_llama, save_tiny_model
 
-__all__ = ["TINY_ARCHITECTURES", "build_tiny_model", "save_tiny_model"]
+__all__ = ["FP32_SLACK", "TINY_ARCHITECTURES", "build_tiny_model", "save_random_llama", "save_tiny_model", "spec_error_bound"]

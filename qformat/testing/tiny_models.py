@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["TINY_ARCHITECTURES", "build_tiny_model", "save_tiny_model"]
+__all__ = ["TINY_ARCHITECTURES", "build_tiny_model", "save_random_llama", "save_tiny_model"]
 
 
 def _llama():
@@ -71,4 +71,18 @@ def save_tiny_model(arch: str, folder: Path, *, seed: int = 0, dtype: torch.dtyp
     model.save_pretrained(folder)
     (folder / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 128}) + "\n")
     (folder / "special_tokens_map.json").write_text(json.dumps({"pad_token": "<pad>"}) + "\n")
+    return folder
+
+
+def save_random_llama(folder: Path, *, hidden_size: int, num_layers: int, vocab_size: int,
+                      dtype: torch.dtype = torch.float32, seed: int = 0) -> Path:
+    """A random Llama of a chosen size (intermediate = 8/3 hidden, rounded to 64), saved with save_pretrained."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(hidden_size=hidden_size, intermediate_size=(hidden_size * 8 // 3 + 63) // 64 * 64,
+                         num_hidden_layers=num_layers, num_attention_heads=max(1, hidden_size // 64),
+                         num_key_value_heads=max(1, hidden_size // 128), vocab_size=vocab_size,
+                         max_position_embeddings=256, tie_word_embeddings=False)
+    LlamaForCausalLM(config).to(dtype).save_pretrained(folder)
     return folder

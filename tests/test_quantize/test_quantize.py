@@ -20,27 +20,7 @@ from qformat.quantize import (
     select_2_4,
 )
 from qformat.spec import resolve_scheme_name
-
-SLACK = 2.0**-22  # the spec's allowance for fp32 rounding of w / s and q * s, relative to |w|
-
-
-def spec_bound(w: torch.Tensor, scale: torch.Tensor, qtype: str) -> torch.Tensor:
-    """Per-element error bound of docs/FORMAT.md section 8, computed independently of the implementation."""
-    w = w.double()
-    s = scale.double().reshape(-1, 1)
-    x = (w / s).abs()
-    if qtype == "int":
-        inside = s / 2
-        clipped = w.abs() - 127 * s
-        bound = torch.where(x <= 127.5, inside, clipped)
-    else:
-        e = torch.floor(torch.log2(x.clamp_min(2.0**-6)))
-        normal = s * torch.pow(2.0, e - 4)
-        sub = s * 2.0**-10
-        bound = torch.where(x >= 2.0**-6, normal, sub)
-        bound = torch.where(x > 448, w.abs() - 448 * s, bound)
-    return bound + SLACK * w.abs()
-
+from qformat.testing.bounds import spec_error_bound as spec_bound
 
 def _weights(kind: str) -> torch.Tensor:
     gen = torch.Generator().manual_seed(hash(kind) % 2**31)
