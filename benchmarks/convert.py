@@ -34,7 +34,7 @@ from qformat.converter import convert
 import transformers.models.llama.modeling_llama  # counted in the import baseline, as for the peer
 print("READY", flush=True)
 t = time.perf_counter()
-convert(sys.argv[1], sys.argv[2], scheme=sys.argv[3], overwrite=True)
+convert(sys.argv[1], sys.argv[2], scheme=sys.argv[3], observer=sys.argv[4] or None, overwrite=True)
 print("CALL_SECONDS", time.perf_counter() - t, flush=True)
 """
 PEER_SCHEME = {"w8a8-int8": "W8A8", "fp8-dynamic": "FP8_DYNAMIC"}
@@ -60,11 +60,11 @@ def run_copy(src: Path, out: Path) -> dict:
     return {"seconds": time.perf_counter() - start, "rss": None, "anon": None}
 
 
-def run_qformat(src: Path, out: Path, scheme: str) -> dict:
+def run_qformat(src: Path, out: Path, scheme: str, observer: str | None) -> dict:
     _fresh(out)
     drop_cache(src)
     start = time.perf_counter()
-    stats = measure_process([sys.executable, "-c", CHILD, str(src), str(out), scheme])
+    stats = measure_process([sys.executable, "-c", CHILD, str(src), str(out), scheme, observer or ""])
     wall = time.perf_counter() - start
     call = float(next(line.split()[1] for line in stats.stdout.splitlines() if line.startswith("CALL_SECONDS")))
     return {"seconds": call, "wall": wall, "rss": stats.peak_rss, "anon": stats.peak_anon - stats.baseline_anon,
@@ -94,14 +94,19 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=Path("bench-data"))
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--scheme", default="w8a8-int8", choices=sorted(PEER_SCHEME))
+    parser.add_argument("--observer", choices=["absmax", "mse"], default=None,
+                        help="qformat's scale observer (default: the scheme's, mse for fp8)")
+    parser.add_argument("--layouts", default="3,1", help="which source layouts: 3 (shards) and/or 1 (single file)")
     parser.add_argument("--peer", default=os.environ.get("QFORMAT_BENCH_PEER"),
                         help="python of an environment with llmcompressor installed")
     args = parser.parse_args()
 
-    layouts = {
-        "3 shards <= 1 GB": make_llama_checkpoint(args.data / "llama-2g-3shards", max_shard_bytes=10**9),
-        "1 shard of 2.2 GB": make_llama_checkpoint(args.data / "llama-2g-1shard", max_shard_bytes=None),
-    }
+    wanted = set(args.layouts.split(","))
+    layouts = {}
+    if "3" in wanted:
+        layouts["3 shards <= 1 GB"] = make_llama_checkpoint(args.data / "llama-2g-3shards", max_shard_bytes=10**9)
+    if "1" in wanted:
+        layouts["1 shard of 2.2 GB"] = make_llama_checkpoint(args.data / "llama-2g-1shard", max_shard_bytes=None)
     out = args.data / "out"
     rows = []
     for label, src in layouts.items():
@@ -110,11 +115,12 @@ def main() -> None:
         runs: dict[str, list[dict]] = {"copy": [], "qformat": [], "peer": []}
         for _ in range(args.repeat):  # interleaved, so drift in the machine's speed hits every method alike
             runs["copy"].append(run_copy(src, out))
-            runs["qformat"].append(run_qformat(src, out, args.scheme))
+            runs["qformat"].append(run_qformat(src, out, args.scheme, args.observer))
             if args.peer:
                 runs["peer"].append(run_peer(args.peer, src, out, args.scheme))
         floor = _median(runs["copy"], "seconds")
-        for method, name in (("copy", "cp -r + sync (cold)"), ("qformat", f"qformat convert() {args.scheme}"),
+        observer = args.observer or ("mse" if args.scheme.startswith("fp8") else "absmax")
+        for method, name in (("copy", "cp -r + sync (cold)"), ("qformat", f"qformat convert() {args.scheme}, {observer}"),
                              ("peer", f"llm-compressor model_free_ptq {PEER_SCHEME[args.scheme]}")):
             if not runs[method]:
                 continue
