@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["LLAMA_2G", "make_llama_checkpoint", "drop_cache", "measure_process", "ProcessStats", "human"]
+__all__ = ["LLAMA_2G", "ProcessStats", "drop_cache", "human", "make_llama_checkpoint", "measure_process"]
 
 #: A TinyLlama-shaped model: 1.1B parameters, about 2.2 GB in bf16.
 LLAMA_2G = {

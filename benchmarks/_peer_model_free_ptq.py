@@ -17,7 +17,7 @@ src, out, scheme = sys.argv[1:4]
 ignore = ["lm_head"] + [x for x in os.environ.get("LC_EXTRA_IGNORE", "").split(",") if x]
 
 start = time.perf_counter()
-from llmcompressor.entrypoints.model_free import model_free_ptq  # noqa: E402
+from llmcompressor.entrypoints.model_free import model_free_ptq
 
 print(f"IMPORT_SECONDS {time.perf_counter() - start:.3f}", flush=True)
 start = time.perf_counter()

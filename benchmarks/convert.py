@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import drop_cache, human, make_llama_checkpoint, measure_process  # noqa: E402
+from _common import drop_cache, human, make_llama_checkpoint, measure_process
 
 HERE = Path(__file__).parent
 CHILD = """

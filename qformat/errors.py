@@ -8,16 +8,16 @@ what the user can do about it; the CLI prints them as they are, without a traceb
 from __future__ import annotations
 
 __all__ = [
-    "QFormatError",
-    "SourceError",
-    "UnsupportedModelError",
     "CorruptCheckpointError",
+    "FormatError",
     "NonFiniteWeightError",
     "OptionError",
     "OutputError",
-    "WriteError",
-    "FormatError",
+    "QFormatError",
+    "SourceError",
     "UnsupportedFormatVersionError",
+    "UnsupportedModelError",
+    "WriteError",
 ]
 
 

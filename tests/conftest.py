@@ -21,10 +21,10 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.pop("HF_TOKEN", None)
 os.environ.pop("HF_ENDPOINT", None)
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
-from qformat.testing import TINY_ARCHITECTURES, save_tiny_model  # noqa: E402
+from qformat.testing import TINY_ARCHITECTURES, save_tiny_model
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

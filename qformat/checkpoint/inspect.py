@@ -11,7 +11,7 @@ from typing import Any
 from qformat.checkpoint.reader import open_checkpoint
 from qformat.spec.schemes import Scheme
 
-__all__ = ["CheckpointSummary", "inspect", "describe_scheme"]
+__all__ = ["CheckpointSummary", "describe_scheme", "inspect"]
 
 
 def describe_scheme(scheme: Scheme) -> str:

@@ -100,14 +100,13 @@ def _check_hashes(ckpt: QFormatCheckpoint) -> int:
     if extra:
         raise _fail(extra[0], "is in the weight files but not in provenance.tensor_hashes")
     for file in ckpt.files:
-        with open(ckpt.folder / file, "rb") as fh:
-            with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-                for name, (tfile, entry) in ckpt.tensors.items():
-                    if tfile != file:
-                        continue
-                    digest = "sha256:" + hashlib.sha256(memoryview(mm)[entry.start : entry.end]).hexdigest()
-                    if digest != recorded[name]:
-                        raise _fail(name, "content hash differs from provenance.tensor_hashes (the file was modified)")
+        with open(ckpt.folder / file, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            for name, (tfile, entry) in ckpt.tensors.items():
+                if tfile != file:
+                    continue
+                digest = "sha256:" + hashlib.sha256(memoryview(mm)[entry.start : entry.end]).hexdigest()
+                if digest != recorded[name]:
+                    raise _fail(name, "content hash differs from provenance.tensor_hashes (the file was modified)")
     return len(recorded)
 
 

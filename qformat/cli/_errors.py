@@ -17,7 +17,7 @@ import click
 
 from qformat.errors import QFormatError
 
-__all__ = ["EXIT_INPUT", "EXIT_INTERNAL", "EXIT_INTERRUPTED", "reported_errors", "install_signal_handlers"]
+__all__ = ["EXIT_INPUT", "EXIT_INTERNAL", "EXIT_INTERRUPTED", "install_signal_handlers", "reported_errors"]
 
 EXIT_INPUT = 2
 EXIT_INTERNAL = 1
@@ -54,7 +54,7 @@ def reported_errors(what: str) -> Iterator[None]:
         _die("out of memory; close other programs or use a machine with more RAM", EXIT_INTERNAL)
     except (click.exceptions.Exit, click.ClickException, SystemExit):
         raise
-    except Exception as exc:  # noqa: BLE001 - the CLI's last line of defence
+    except Exception as exc:  # the CLI's last line of defence: one line, no traceback
         if os.environ.get("QFORMAT_DEBUG"):
             raise
         first = str(exc).splitlines()[0] if str(exc) else ""

@@ -13,7 +13,7 @@ from qformat.io.safetensors_format import FileLayout, layout_file
 from qformat.io.source import SourceCheckpoint, SourceTensor
 from qformat.spec.layout import TensorSpec, module_tensors
 
-__all__ = ["SourceJob", "OutputLayout", "plan_output", "SHARD_METADATA", "SINGLE_FILE", "INDEX_FILE"]
+__all__ = ["INDEX_FILE", "SHARD_METADATA", "SINGLE_FILE", "OutputLayout", "SourceJob", "plan_output"]
 
 #: The safetensors metadata of every shard; old loaders check for {"format": "pt"}.
 SHARD_METADATA = {"format": "pt"}

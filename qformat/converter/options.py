@@ -11,7 +11,7 @@ from qformat.quantize.observers import OBSERVERS
 from qformat.spec.patterns import validate_pattern
 from qformat.spec.schemes import SPARSITY_2_4, Scheme, resolve_scheme_name
 
-__all__ = ["ConvertOptions", "FULL_PRECISION", "parse_override", "parse_size"]
+__all__ = ["FULL_PRECISION", "ConvertOptions", "parse_override", "parse_size"]
 
 #: The override target that keeps matching modules in full precision (fallback reason "user").
 FULL_PRECISION = "none"

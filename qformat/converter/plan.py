@@ -25,7 +25,7 @@ from qformat.spec.layout import shape_problem
 from qformat.spec.patterns import REGEX_PREFIX, first_match, pattern_matches
 from qformat.spec.schemes import Scheme
 
-__all__ = ["ModuleDecision", "ConversionPlan", "plan_conversion"]
+__all__ = ["ConversionPlan", "ModuleDecision", "plan_conversion"]
 
 logger = logging.getLogger(__name__)
 

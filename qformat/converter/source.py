@@ -13,7 +13,7 @@ from pathlib import Path
 
 from qformat.errors import SourceError
 
-__all__ = ["ResolvedSource", "resolve_source", "HUB_IGNORE_PATTERNS"]
+__all__ = ["HUB_IGNORE_PATTERNS", "ResolvedSource", "resolve_source"]
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _CACHE_SNAPSHOT = re.compile(r"models--(?P<owner>[^/]+?)--(?P<name>[^/]+)/snapshots/(?P<rev>[0-9a-f]{40})$")

@@ -20,7 +20,7 @@ from pathlib import Path
 from qformat.errors import CorruptCheckpointError
 from qformat.spec.layout import DTYPE_SIZES, TensorSpec
 
-__all__ = ["HeaderEntry", "SafetensorsHeader", "read_header", "layout_file", "FileLayout", "MAX_HEADER_BYTES"]
+__all__ = ["MAX_HEADER_BYTES", "FileLayout", "HeaderEntry", "SafetensorsHeader", "layout_file", "read_header"]
 
 #: safetensors refuses headers above 100,000,000 bytes.
 MAX_HEADER_BYTES = 100_000_000

@@ -22,7 +22,7 @@ import torch
 from qformat.errors import CorruptCheckpointError, SourceError
 from qformat.io.safetensors_format import HeaderEntry, read_header
 
-__all__ = ["SourceTensor", "SourceCheckpoint", "TensorReader", "TORCH_DTYPES", "SAFETENSORS_CODES", "WEIGHT_FILE_SUFFIXES"]
+__all__ = ["SAFETENSORS_CODES", "TORCH_DTYPES", "WEIGHT_FILE_SUFFIXES", "SourceCheckpoint", "SourceTensor", "TensorReader"]
 
 #: safetensors dtype code -> torch dtype, for every code torch can hold.
 TORCH_DTYPES: dict[str, torch.dtype] = {

@@ -16,7 +16,7 @@ __all__ = [
     "dequantize_dense",
     "fp8_to_float32",
     "mse_scales",
-    "select_2_4",
     "quantize_weight",
+    "select_2_4",
     "unpack_bitmask",
 ]

@@ -10,7 +10,7 @@ import torch
 
 from qformat.quantize.sparse24 import decompress_2_4
 
-__all__ = ["dequantize_dense", "dequantize_2_4"]
+__all__ = ["dequantize_2_4", "dequantize_dense"]
 
 
 def dequantize_dense(values: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["QMAX", "MseParams", "absmax_scales", "mse_scales", "quantize_block_", "fp8_to_float32", "OBSERVERS"]
+__all__ = ["DEFAULT_MSE", "OBSERVERS", "QMAX", "MseParams", "absmax_scales", "fp8_to_float32", "mse_scales", "quantize_block_"]
 
 #: Largest stored magnitude per value type: qformat writes int8 in [-127, 127] (symmetric, so -x is representable)
 #: and e4m3fn values up to its largest finite number, 448.
@@ -30,6 +30,9 @@ class MseParams:
     grid: int = 100
     norm: float = 2.4
     patience: int = 5
+
+
+DEFAULT_MSE = MseParams()
 
 
 # e4m3fn -> fp32 through a 256-entry table: 2.5x faster than the cast on CPU (torch 2.13, cpu-kernels.md).
@@ -76,7 +79,7 @@ def quantize_block_(w32: torch.Tensor, scales: torch.Tensor, qtype: str, out: to
     w32.sub_(scratch)
 
 
-def mse_scales(w32: torch.Tensor, absmax: torch.Tensor, qtype: str, params: MseParams = MseParams()) -> torch.Tensor:
+def mse_scales(w32: torch.Tensor, absmax: torch.Tensor, qtype: str, params: MseParams = DEFAULT_MSE) -> torch.Tensor:
     """Pick, per row, the shrunk absmax scale that minimizes sum |w - dequant(quant(w))|^norm.
 
     `w32` is not modified. The search evaluates candidate factors p = 1 - i/grid for i = 0, 1, ... while
@@ -89,7 +92,7 @@ def mse_scales(w32: torch.Tensor, absmax: torch.Tensor, qtype: str, params: MseP
     q = torch.empty_like(w32)
     fp8 = torch.empty(w32.shape, dtype=torch.float8_e4m3fn) if qtype == "float" else None
     stale = 0
-    for i in range(int(round(params.maxshrink * params.grid))):
+    for i in range(round(params.maxshrink * params.grid)):
         scale = _positive(absmax.float() * (1.0 - i / params.grid) / qmax)
         torch.div(w32, scale[:, None], out=r)  # r = w / s
         torch.clamp(r, -qmax, qmax, out=q)

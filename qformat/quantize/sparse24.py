@@ -16,7 +16,7 @@ import itertools
 import numpy as np
 import torch
 
-__all__ = ["select_2_4", "unpack_bitmask", "decompress_2_4"]
+__all__ = ["decompress_2_4", "select_2_4", "unpack_bitmask"]
 
 _PAIRS = list(itertools.combinations(range(4), 2))  # (0,1) (0,2) (0,3) (1,2) (1,3) (2,3)
 

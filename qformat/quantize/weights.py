@@ -13,11 +13,11 @@ from dataclasses import dataclass
 import torch
 
 from qformat.errors import NonFiniteWeightError
-from qformat.quantize.observers import MseParams, absmax_scales, mse_scales, quantize_block_
+from qformat.quantize.observers import DEFAULT_MSE, MseParams, absmax_scales, mse_scales, quantize_block_
 from qformat.quantize.sparse24 import select_2_4
 from qformat.spec.schemes import Scheme
 
-__all__ = ["QuantizedWeight", "quantize_weight", "BLOCK_ELEMENTS", "VALUE_DTYPES"]
+__all__ = ["BLOCK_ELEMENTS", "VALUE_DTYPES", "QuantizedWeight", "quantize_weight"]
 
 #: Target number of elements per row block. Smaller blocks fit caches better but pay torch's per-op overhead more
 #: often; 1M elements measured fastest on the 2-core CI machine (docs/benchmarks.md).
@@ -70,7 +70,7 @@ def _row_absmax(w32: torch.Tensor, name: str, row0: int) -> torch.Tensor:
 
 
 def quantize_weight(w: torch.Tensor, scheme: Scheme, *, observer: str = "absmax", name: str = "weight",
-                    mse: MseParams = MseParams()) -> QuantizedWeight:
+                    mse: MseParams = DEFAULT_MSE) -> QuantizedWeight:
     """Quantize `w` ([out, in], any float dtype) as `scheme` says, computing scales with `observer`.
 
     Dense: per-row scale from the row (absmax / qmax, or the MSE search), values = round(w / s) in fp32.

@@ -16,9 +16,9 @@ from qformat.spec.patterns import first_match, validate_pattern
 from qformat.spec.schemes import Scheme
 
 __all__ = [
-    "QUANT_METHOD",
-    "FORMAT_VERSION",
     "FALLBACK_REASONS",
+    "FORMAT_VERSION",
+    "QUANT_METHOD",
     "FallbackEntry",
     "QFormatConfig",
 ]

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterable
 
-__all__ = ["FusedGroups", "DEFAULT_FUSED_GROUPS", "FUSED_GROUPS_BY_MODEL_TYPE", "fused_groups_for", "group_modules"]
+__all__ = ["DEFAULT_FUSED_GROUPS", "FUSED_GROUPS_BY_MODEL_TYPE", "FusedGroups", "fused_groups_for", "group_modules"]
 
 FusedGroups = tuple[tuple[str, ...], ...]
 

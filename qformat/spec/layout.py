@@ -12,13 +12,13 @@ from dataclasses import dataclass
 from qformat.spec.schemes import Scheme
 
 __all__ = [
-    "TensorSpec",
+    "DTYPE_SIZES",
     "SCALE_DTYPE",
+    "WEIGHT_SUFFIXES",
+    "TensorSpec",
     "module_tensors",
     "quantized_nbytes",
     "shape_problem",
-    "DTYPE_SIZES",
-    "WEIGHT_SUFFIXES",
 ]
 
 #: Scales are always stored as float32, whatever the model's dtype.

@@ -13,7 +13,7 @@ from functools import lru_cache
 
 from qformat.errors import OptionError
 
-__all__ = ["REGEX_PREFIX", "validate_pattern", "pattern_matches", "first_match"]
+__all__ = ["REGEX_PREFIX", "first_match", "pattern_matches", "validate_pattern"]
 
 REGEX_PREFIX = "re:"
 

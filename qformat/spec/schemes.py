@@ -13,10 +13,10 @@ from typing import Any
 from qformat.errors import FormatError, OptionError
 
 __all__ = [
+    "BUILTIN_SCHEMES",
     "SPARSITY_2_4",
     "QuantArgs",
     "Scheme",
-    "BUILTIN_SCHEMES",
     "resolve_scheme_name",
     "scheme_names",
 ]

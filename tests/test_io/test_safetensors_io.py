@@ -111,10 +111,9 @@ def test_atomic_dir_renames_on_success_and_vanishes_on_error(tmp_path):
         (tmp / "f").write_text("x")
         assert not out.exists()
     assert (out / "f").read_text() == "x"
-    with pytest.raises(KeyboardInterrupt):
-        with atomic_output_dir(tmp_path / "new" / "out2") as tmp:
-            (tmp / "f").write_text("x")
-            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt), atomic_output_dir(tmp_path / "new" / "out2") as tmp:
+        (tmp / "f").write_text("x")
+        raise KeyboardInterrupt
     assert sorted(p.name for p in tmp_path.iterdir()) == ["deep"]  # no temp folder, no created parent left
 
 
@@ -122,9 +121,8 @@ def test_atomic_overwrite_keeps_old_until_new_is_complete(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "old").write_text("old")
-    with pytest.raises(RuntimeError):
-        with atomic_output_dir(out, overwrite=True):
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError), atomic_output_dir(out, overwrite=True):
+        raise RuntimeError("boom")
     assert (out / "old").read_text() == "old"
     with atomic_output_dir(out, overwrite=True) as tmp:
         (tmp / "new").write_text("new")

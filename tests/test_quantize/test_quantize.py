@@ -22,6 +22,7 @@ from qformat.quantize import (
 from qformat.spec import resolve_scheme_name
 from qformat.testing.bounds import spec_error_bound as spec_bound
 
+
 def _weights(kind: str) -> torch.Tensor:
     gen = torch.Generator().manual_seed(hash(kind) % 2**31)
     w = torch.randn(48, 96, generator=gen)
