@@ -31,13 +31,17 @@ def describe_scheme(scheme: Scheme) -> str:
 
 
 def _human(n: int | None) -> str:
+    """Bytes in decimal units, as the Hub shows file sizes: 90.9 MB."""
     if n is None:
         return "unknown"
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000  # type: ignore[assignment]
-    raise AssertionError
+    if n < 1000:
+        return f"{n} B"
+    value, unit = float(n), "B"
+    for unit in ("KB", "MB", "GB", "TB"):
+        value /= 1000
+        if value < 1000:
+            break
+    return f"{value:.1f} {unit}"
 
 
 @dataclass(frozen=True)

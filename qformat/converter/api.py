@@ -17,7 +17,7 @@ from qformat.converter.pipeline import run_pipeline
 from qformat.converter.plan import ConversionPlan, plan_conversion
 from qformat.converter.source import ResolvedSource, resolve_source
 from qformat.converter.structure import analyze_structure
-from qformat.errors import CorruptCheckpointError
+from qformat.errors import CorruptCheckpointError, UnsupportedModelError
 from qformat.io.atomic import atomic_output_dir, check_output_location
 from qformat.io.safetensors_format import read_header
 from qformat.io.source import SourceCheckpoint
@@ -26,6 +26,8 @@ from qformat.io.writer import write_error
 __all__ = ["ConvertResult", "convert"]
 
 logger = logging.getLogger(__name__)
+
+_FLOAT_SOURCES = {"F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2"}
 
 #: Bytes of source read ahead in the background while the model structure is analyzed (imports take seconds).
 READAHEAD_START = 512 * 2**20
@@ -147,6 +149,7 @@ def convert(source: str | os.PathLike[str], output: str | os.PathLike[str], *, s
                              max_shard_size=parse_size(max_shard_size))
     out = Path(output)
     local = Path(source).expanduser()
+    # check before a possible download, and again once the source folder is known
     check_output_location(out, source=local if local.exists() else None, overwrite=overwrite)
     src = resolve_source(source, revision=revision)
     check_output_location(out, source=src.path, overwrite=overwrite)
@@ -155,6 +158,12 @@ def convert(source: str | os.PathLike[str], output: str | os.PathLike[str], *, s
     structure = analyze_structure(src.path, {name: t.shape for name, t in checkpoint.tensors.items()})
     plan = plan_conversion(structure, options)
     layout = plan_output(checkpoint, plan, options.max_shard_size)
+    for job in layout.jobs:
+        if job.decision is not None and job.source.dtype not in _FLOAT_SOURCES:
+            raise UnsupportedModelError(
+                f"{job.source.name} is stored as {job.source.dtype}, not a float type; qformat quantizes float "
+                "weights only (convert from the full-precision model)"
+            )
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         _copied, skipped = copy_support_files(src.path, tmp)
         read = set(checkpoint.files) | ({checkpoint.index_file} if checkpoint.index_file else set())

@@ -32,7 +32,13 @@ def copy_support_files(source: Path, target: Path) -> tuple[list[str], list[str]
     """
     copied: list[str] = []
     skipped: list[str] = []
+    seen: set[str] = set()
     for root, dirs, files in os.walk(source, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:  # a symlinked folder leading back up: walk it once
+            dirs[:] = []
+            continue
+        seen.add(real)
         dirs[:] = sorted(d for d in dirs if d not in _SKIP_DIRS)
         rel_root = Path(root).relative_to(source)
         for name in sorted(files):

@@ -56,13 +56,12 @@ def _bytes_of(tensor: torch.Tensor) -> memoryview:
 class _WriterThread(threading.Thread):
     """Writes (shard, name, bytes) items in order; remembers the first error instead of dying silently."""
 
-    def __init__(self, writers: list[ShardWriter], hashes: dict[str, str], progress: tqdm) -> None:
+    def __init__(self, writers: list[ShardWriter], hashes: dict[str, str]) -> None:
         super().__init__(name="qformat-writer", daemon=True)
         self.items: queue.Queue[_Work | None] = queue.Queue(maxsize=_QUEUE_DEPTH * 4)
         self.error: BaseException | None = None
         self._writers = writers
         self._hashes = hashes
-        self._progress = progress
 
     def run(self) -> None:
         while True:
@@ -141,7 +140,7 @@ def run_pipeline(layout: OutputLayout, reader: TensorReader, folder: Path, *, pr
     try:
         for name, shard_layout in zip(layout.shard_names, layout.shard_layouts):
             writers.append(ShardWriter(folder / name, shard_layout))
-        writer = _WriterThread(writers, result.hashes, bar)
+        writer = _WriterThread(writers, result.hashes)
         writer.start()
         try:
             jobs = layout.jobs

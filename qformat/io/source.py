@@ -75,6 +75,7 @@ class SourceCheckpoint:
         self.index_file: str | None = None
         self.files: list[str] = []
         self.format = "safetensors"
+        self._index_map: dict[str, str] | None = None
         self._headers: dict[str, dict[str, HeaderEntry]] = {}
         self.tensors: dict[str, SourceTensor] = {}
         self._discover()
@@ -119,7 +120,7 @@ class SourceCheckpoint:
         return files
 
     def _table_from_safetensors(self) -> None:
-        index_map = getattr(self, "_index_map", None)
+        index_map = self._index_map
         for file in self.files:
             header = read_header(self.folder / file)
             self._headers[file] = header.tensors

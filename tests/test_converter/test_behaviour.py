@@ -195,3 +195,24 @@ def test_missing_and_non_model_sources(tmp_path):
         qformat.convert(tmp_path / "empty", tmp_path / "out")
     with pytest.raises(SourceError, match="not in the Hugging Face cache"):
         qformat.convert("nobody/not-cached", tmp_path / "out")
+
+
+def test_integer_linear_weights_are_refused(tiny_models, tmp_path):
+    src = _copy(tiny_models["llama"], tmp_path / "src")
+    tensors = load_file(src / "model.safetensors")
+    tensors["model.layers.0.mlp.up_proj.weight"] = tensors["model.layers.0.mlp.up_proj.weight"].to(torch.int8)
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(UnsupportedModelError, match="up_proj.weight is stored as I8, not a float type"):
+        qformat.convert(src, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_symlinked_folder_cycles_are_copied_once(tiny_models, tmp_path):
+    src = _copy(tiny_models["opt"], tmp_path / "src")
+    (src / "extra").mkdir()
+    (src / "extra" / "notes.txt").write_text("hi")
+    (src / "extra" / "loop").symlink_to(src / "extra", target_is_directory=True)
+    out = tmp_path / "out"
+    qformat.convert(src, out)
+    assert (out / "extra" / "notes.txt").read_text() == "hi"
+    assert not (out / "extra" / "loop").exists()
