@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 from qformat.errors import CorruptCheckpointError, FormatError
+from qformat.io.index import read_weight_index
 from qformat.io.safetensors_format import HeaderEntry, SafetensorsHeader, read_header
 from qformat.spec.config import QFormatConfig
 
@@ -69,19 +70,9 @@ def _read_config(folder: Path) -> tuple[dict[str, Any], QFormatConfig]:
 def _weight_files(folder: Path) -> tuple[tuple[str, ...], dict[str, str] | None]:
     if (folder / _INDEX).is_file():
         try:
-            data = json.loads((folder / _INDEX).read_text(encoding="utf-8"))
-            weight_map = data["weight_map"]
-            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-                raise TypeError
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
-            raise FormatError(f"{_INDEX} is not a valid index (needs a 'weight_map' of tensor -> file)") from None
-        files: list[str] = []
-        for name in weight_map.values():
-            rel = PurePosixPath(name)
-            if rel.is_absolute() or ".." in rel.parts:
-                raise FormatError(f"{_INDEX} names {name!r}, outside the checkpoint folder")
-            if name not in files:
-                files.append(name)
+            weight_map, files = read_weight_index(folder, _INDEX)
+        except CorruptCheckpointError as exc:
+            raise FormatError(str(exc)) from None
         return tuple(files), weight_map
     if (folder / _SINGLE).is_file():
         return (_SINGLE,), None
@@ -102,8 +93,6 @@ def open_checkpoint(folder: str | Path) -> QFormatCheckpoint:
     headers: dict[str, SafetensorsHeader] = {}
     tensors: dict[str, tuple[str, HeaderEntry]] = {}
     for file in files:
-        if not (folder / file).is_file():
-            raise FormatError(f"{_INDEX} names {file}, which does not exist")
         try:
             header = read_header(folder / file)
         except CorruptCheckpointError as exc:

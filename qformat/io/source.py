@@ -9,17 +9,17 @@ the kernel reads it from disk while the current one is being quantized. `.bin` c
 
 from __future__ import annotations
 
-import json
 import mmap
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import torch
 
 from qformat.errors import CorruptCheckpointError, SourceError
+from qformat.io.index import read_weight_index
 from qformat.io.safetensors_format import HeaderEntry, read_header
 
 __all__ = ["SAFETENSORS_CODES", "TORCH_DTYPES", "WEIGHT_FILE_SUFFIXES", "SourceCheckpoint", "SourceTensor", "TensorReader"]
@@ -49,18 +49,6 @@ class SourceTensor:
     dtype: str
     shape: tuple[int, ...]
     nbytes: int
-
-
-def _safe_relative(folder: Path, name: str, index: str) -> str:
-    """Check that a file named by an index stays inside `folder` (lexically: symlinks, as in the Hub cache, are fine)."""
-    rel = PurePosixPath(name)
-    if not name or rel.is_absolute() or ".." in rel.parts or "\\" in name:
-        raise CorruptCheckpointError(
-            f"{index} names the weight file {name!r}, which lies outside the model folder; fix or re-download the index"
-        )
-    if not (folder / rel).is_file():
-        raise CorruptCheckpointError(f"{index} names {name}, which does not exist in the model folder; re-download the model")
-    return rel.as_posix()
 
 
 class SourceCheckpoint:
@@ -101,22 +89,7 @@ class SourceCheckpoint:
             self._table_from_bin()
 
     def _read_index(self, index: str) -> list[str]:
-        try:
-            data = json.loads((self.folder / index).read_text(encoding="utf-8"))
-            weight_map = data["weight_map"]
-            if not isinstance(weight_map, dict) or not weight_map:
-                raise TypeError
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
-            raise CorruptCheckpointError(f"{index} is not a valid index (no 'weight_map'); re-download the model") from None
-        files: list[str] = []
-        self._index_map = {}
-        for tensor, name in weight_map.items():
-            if not isinstance(name, str):
-                raise CorruptCheckpointError(f"{index} maps {tensor!r} to {name!r}, not a file name; re-download the model")
-            rel = _safe_relative(self.folder, name, index)
-            self._index_map[tensor] = rel
-            if rel not in files:
-                files.append(rel)
+        self._index_map, files = read_weight_index(self.folder, index)
         return files
 
     def _table_from_safetensors(self) -> None:

@@ -104,7 +104,7 @@ def test_verify_checks_the_index(good, tmp_path):
         qformat.verify(folder)
     index["weight_map"]["ghost.weight"] = "../outside.safetensors"
     (folder / "model.safetensors.index.json").write_text(json.dumps(index))
-    with pytest.raises(FormatError, match="outside the checkpoint folder"):
+    with pytest.raises(FormatError, match="lies outside the model folder"):
         qformat.verify(folder)
 
 

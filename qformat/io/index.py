@@ -1,0 +1,40 @@
+"""The `*.index.json` of a sharded checkpoint: which file holds each tensor, checked to stay inside the folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path, PurePosixPath
+
+from qformat.errors import CorruptCheckpointError
+
+__all__ = ["read_weight_index"]
+
+
+def read_weight_index(folder: Path, index: str) -> tuple[dict[str, str], list[str]]:
+    """Parse `folder/index` and return (tensor -> file, files in first-mention order).
+
+    Every file must be named relative to the folder without `..` (checked lexically: symlinks, as in the Hugging Face
+    cache, are fine) and must exist. Raises `CorruptCheckpointError` naming the first problem.
+    """
+    try:
+        data = json.loads((folder / index).read_text(encoding="utf-8"))
+        weight_map = data["weight_map"]
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise TypeError
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+        raise CorruptCheckpointError(f"{index} is not a valid index (it needs a 'weight_map' of tensor -> file); "
+                                     "re-download or re-save the model") from None
+    files: list[str] = []
+    for tensor, name in weight_map.items():
+        if not isinstance(name, str) or not name:
+            raise CorruptCheckpointError(f"{index} maps {tensor!r} to {name!r}, not a file name; re-download the model")
+        rel = PurePosixPath(name)
+        if rel.is_absolute() or ".." in rel.parts or "\\" in name:
+            raise CorruptCheckpointError(
+                f"{index} names the weight file {name!r}, which lies outside the model folder; fix or re-download it"
+            )
+        if name not in files:
+            if not (folder / rel).is_file():
+                raise CorruptCheckpointError(f"{index} names {name}, which does not exist in the model folder")
+            files.append(name)
+    return dict(weight_map), files
