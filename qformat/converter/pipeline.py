@@ -9,8 +9,8 @@ the writer, closes every file and propagates; the caller's atomic folder then di
 from __future__ import annotations
 
 import os
-import queue
 import threading
+from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -26,9 +26,10 @@ from qformat.quantize.weights import quantize_weight
 
 __all__ = ["ModuleStats", "run_pipeline"]
 
-_QUEUE_DEPTH = 3
 #: How far ahead of the tensor being converted the source is read from disk.
 READAHEAD_BYTES = 256 * 2**20
+#: Converted bytes allowed to wait for the writer: twice the largest converted module, and at least this.
+WRITE_BUDGET_MIN = 32 * 2**20
 
 
 @dataclass
@@ -45,7 +46,7 @@ class _Result:
     stats: dict[str, ModuleStats] = field(default_factory=dict)
 
 
-_Work = tuple[int, str, memoryview, Callable[[], None] | None]
+_Work = tuple[int, str, memoryview, Callable[[], None] | None, int]
 
 
 def _bytes_of(tensor: torch.Tensor) -> memoryview:
@@ -54,44 +55,63 @@ def _bytes_of(tensor: torch.Tensor) -> memoryview:
 
 
 class _WriterThread(threading.Thread):
-    """Writes (shard, name, bytes) items in order; remembers the first error instead of dying silently."""
+    """Writes (shard, name, bytes) items in order; remembers the first error instead of dying silently.
 
-    def __init__(self, writers: list[ShardWriter], hashes: dict[str, str]) -> None:
+    Converted tensors waiting to be written are memory the process owns, so `put` blocks while more than
+    `budget` bytes of them are pending (source views for tensors copied unchanged are file-backed and not counted).
+    """
+
+    def __init__(self, writers: list[ShardWriter], hashes: dict[str, str], budget: int) -> None:
         super().__init__(name="qformat-writer", daemon=True)
-        self.items: queue.Queue[_Work | None] = queue.Queue(maxsize=_QUEUE_DEPTH * 4)
         self.error: BaseException | None = None
         self._writers = writers
         self._hashes = hashes
+        self._budget = budget
+        self._pending = 0
+        self._items: deque[_Work | None] = deque()
+        self._cond = threading.Condition()
 
     def run(self) -> None:
         while True:
-            item = self.items.get()
+            with self._cond:
+                while not self._items:
+                    self._cond.wait()
+                item = self._items.popleft()
             if item is None:
                 return
-            if self.error is not None:
-                continue  # drain after a failure so the producer never blocks
-            shard, name, data, after = item
+            shard, name, data, after, owned = item
+            item = None  # hold the converted bytes only as long as `data` does
             try:
-                sink = self._writers[shard].sink(name)
-                sink.write(data)
-                self._hashes[name] = sink.finish()
-                if after is not None:
-                    after()
+                if self.error is None:
+                    sink = self._writers[shard].sink(name)
+                    sink.write(data)
+                    self._hashes[name] = sink.finish()
+                    if after is not None:
+                        after()
             except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread
                 self.error = exc
+            finally:
+                del data
+                with self._cond:
+                    self._pending -= owned
+                    self._cond.notify_all()
 
-    def put(self, item: _Work) -> None:
-        while True:
+    def put(self, shard: int, name: str, data: memoryview, *, after: Callable[[], None] | None = None,
+            owned: bool = True) -> None:
+        size = data.nbytes if owned else 0
+        with self._cond:
+            while self.error is None and self._pending and self._pending + size > self._budget:
+                self._cond.wait(timeout=0.1)
             if self.error is not None:
                 raise self.error
-            try:
-                self.items.put(item, timeout=0.1)
-                return
-            except queue.Full:
-                continue
+            self._pending += size
+            self._items.append((shard, name, data, after, size))
+            self._cond.notify_all()
 
     def finish(self) -> None:
-        self.items.put(None)
+        with self._cond:
+            self._items.append(None)
+            self._cond.notify_all()
         self.join()
         if self.error is not None:
             raise self.error
@@ -101,7 +121,7 @@ def _convert_job(job: SourceJob, reader: TensorReader, writer: _WriterThread, re
     decision = job.decision
     source = job.source
     if decision is None:
-        writer.put((job.shard, source.name, reader.raw(source), lambda: reader.release(source)))
+        writer.put(job.shard, source.name, reader.raw(source), after=lambda: reader.release(source), owned=False)
         return
     assert decision.scheme is not None and decision.observer is not None
     module = decision.module
@@ -109,13 +129,13 @@ def _convert_job(job: SourceJob, reader: TensorReader, writer: _WriterThread, re
     reader.release(source)
     result.stats[module.name] = ModuleStats(q.rel_error, q.rel_quant_error)
     if q.bitmask is None:
-        writer.put((job.shard, f"{module.name}.weight", _bytes_of(q.values), None))
+        writer.put(job.shard, f"{module.name}.weight", _bytes_of(q.values))
     else:
         shape = torch.tensor([[module.out_features], [module.in_features]], dtype=torch.int64)
-        writer.put((job.shard, f"{module.name}.compressed", _bytes_of(q.values), None))
-        writer.put((job.shard, f"{module.name}.bitmask", _bytes_of(q.bitmask), None))
-        writer.put((job.shard, f"{module.name}.shape", _bytes_of(shape), None))
-    writer.put((job.shard, f"{module.name}.weight_scale", _bytes_of(q.scales), None))
+        writer.put(job.shard, f"{module.name}.compressed", _bytes_of(q.values))
+        writer.put(job.shard, f"{module.name}.bitmask", _bytes_of(q.bitmask))
+        writer.put(job.shard, f"{module.name}.shape", _bytes_of(shape))
+    writer.put(job.shard, f"{module.name}.weight_scale", _bytes_of(q.scales))
 
 
 @contextmanager
@@ -140,7 +160,8 @@ def run_pipeline(layout: OutputLayout, reader: TensorReader, folder: Path, *, pr
     try:
         for name, shard_layout in zip(layout.shard_names, layout.shard_layouts):
             writers.append(ShardWriter(folder / name, shard_layout))
-        writer = _WriterThread(writers, result.hashes)
+        largest = max((sum(o.nbytes for o in job.outputs) for job in layout.jobs if job.decision), default=0)
+        writer = _WriterThread(writers, result.hashes, budget=max(WRITE_BUDGET_MIN, 2 * largest))
         writer.start()
         try:
             jobs = layout.jobs
