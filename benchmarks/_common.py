@@ -98,6 +98,7 @@ class ProcessStats:
     peak_rss: int  # VmHWM, bytes
     peak_anon: int  # highest RssAnon sampled, bytes
     baseline_anon: int  # RssAnon when the child printed its READY line (after imports), bytes
+    peak_file: int  # highest RssFile sampled (mapped file pages, source pages included), bytes
     stdout: str
 
 
@@ -107,7 +108,7 @@ def _status(pid: int) -> dict[str, int]:
         with open(f"/proc/{pid}/status") as fh:
             for line in fh:
                 key, _, value = line.partition(":")
-                if key in ("VmHWM", "RssAnon", "VmRSS"):
+                if key in ("VmHWM", "RssAnon", "RssFile", "VmRSS"):
                     out[key] = int(value.split()[0]) * 1024
     except OSError:
         pass
@@ -118,7 +119,7 @@ def measure_process(cmd: list[str], *, env: dict | None = None, ready_marker: st
     """Run `cmd`, sampling its RssAnon every 5 ms. Time counts from the child's `ready_marker` line on stdout
     (printed after its imports) to its exit, or from start if it never prints one."""
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    peak = {"anon": 0, "hwm": 0}
+    peak = {"anon": 0, "hwm": 0, "file": 0}
     stop = threading.Event()
 
     def sample() -> None:
@@ -126,6 +127,7 @@ def measure_process(cmd: list[str], *, env: dict | None = None, ready_marker: st
             st = _status(proc.pid)
             peak["anon"] = max(peak["anon"], st.get("RssAnon", 0))
             peak["hwm"] = max(peak["hwm"], st.get("VmHWM", 0))
+            peak["file"] = max(peak["file"], st.get("RssFile", 0))
             time.sleep(0.005)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -148,4 +150,4 @@ def measure_process(cmd: list[str], *, env: dict | None = None, ready_marker: st
     if proc.returncode != 0:
         sys.stderr.write(err)
         raise RuntimeError(f"{cmd[:3]} failed with exit code {proc.returncode}")
-    return ProcessStats(seconds, peak["hwm"], peak["anon"], baseline, "".join(lines))
+    return ProcessStats(seconds, peak["hwm"], peak["anon"], baseline, peak["file"], "".join(lines))

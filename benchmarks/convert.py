@@ -2,8 +2,9 @@
 
 Converts a generated ~2.2 GB bf16 Llama-shaped checkpoint (TinyLlama shapes, random weights) laid out as 3 shards of
 <= 1 GB and as one 2.2 GB shard, with a cold source (evicted from the page cache before every run), and prints one
-table with seconds, GB/s of source, x the synced cold copy, peak RSS and peak anonymous memory above the import
-baseline. Every figure is the median of --repeat runs measured in this one process run, interleaved.
+table with seconds, GB/s of source, x the synced cold copy, peak RSS, peak anonymous memory above the import
+baseline and peak file-backed RSS (mapped source pages, released as tensors are converted). Every figure is the
+median of --repeat runs measured in this one process run, interleaved.
 
     python benchmarks/convert.py [--data bench-data] [--repeat 3] [--scheme w8a8-int8] [--peer /path/to/python]
 
@@ -55,9 +56,10 @@ def run_copy(src: Path, out: Path) -> dict:
     _fresh(out)
     drop_cache(src)
     start = time.perf_counter()
-    subprocess.run(["cp", "-r", str(src), str(out)], check=True)
+    stats = measure_process(["cp", "-r", str(src), str(out)])
     subprocess.run(["sync"], check=True)
-    return {"seconds": time.perf_counter() - start, "rss": None, "anon": None}
+    return {"seconds": time.perf_counter() - start, "rss": stats.peak_rss, "anon": stats.peak_anon,
+            "file": stats.peak_file}
 
 
 def run_qformat(src: Path, out: Path, scheme: str, observer: str | None) -> dict:
@@ -68,7 +70,7 @@ def run_qformat(src: Path, out: Path, scheme: str, observer: str | None) -> dict
     wall = time.perf_counter() - start
     call = float(next(line.split()[1] for line in stats.stdout.splitlines() if line.startswith("CALL_SECONDS")))
     return {"seconds": call, "wall": wall, "rss": stats.peak_rss, "anon": stats.peak_anon - stats.baseline_anon,
-            "baseline": stats.baseline_anon}
+            "file": stats.peak_file}
 
 
 def run_peer(python: str, src: Path, out: Path, scheme: str) -> dict:
@@ -81,7 +83,7 @@ def run_peer(python: str, src: Path, out: Path, scheme: str) -> dict:
     wall = time.perf_counter() - start
     call = float(next(line.split()[1] for line in stats.stdout.splitlines() if line.startswith("MODEL_FREE_PTQ_OK")))
     return {"seconds": call, "wall": wall, "rss": stats.peak_rss, "anon": stats.peak_anon - stats.baseline_anon,
-            "baseline": stats.baseline_anon}
+            "file": stats.peak_file}
 
 
 def _median(runs: list[dict], key: str) -> float | None:
@@ -126,16 +128,17 @@ def main() -> None:
                 continue
             secs = _median(runs[method], "seconds")
             rows.append((label, name, secs, _median(runs[method], "wall"), size / secs / 1e9, secs / floor,
-                         _median(runs[method], "rss"), _median(runs[method], "anon"), largest))
+                         _median(runs[method], "rss"), _median(runs[method], "anon"), _median(runs[method], "file")))
         _fresh(out)
     print(f"source: {human(size)} bf16, largest tensor {human(largest)}; anon budget 3 x largest + 200 MB = "
           f"{human(3 * largest + 200e6)}; median of {args.repeat} runs")
-    head = ("layout", "method", "seconds", "process wall s", "GB/s", "x cold copy", "peak RSS", "peak anon above imports")
+    head = ("layout", "method", "seconds", "process wall s", "GB/s", "x cold copy", "peak RSS",
+            "peak anon above imports", "peak file-backed RSS")
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
-    for label, name, secs, wall, gbps, ratio, rss, anon, _ in rows:
+    for label, name, secs, wall, gbps, ratio, rss, anon, file in rows:
         print(f"| {label} | {name} | {secs:.2f} | {'-' if wall is None else f'{wall:.2f}'} | {gbps:.2f} | "
-              f"{ratio:.2f} | {'-' if rss is None else human(rss)} | {'-' if anon is None else human(anon)} |")
+              f"{ratio:.2f} | {human(rss)} | {human(anon)} | {human(file)} |")
 
 
 if __name__ == "__main__":
