@@ -6,14 +6,17 @@ imported), and is inherited by the CLI subprocesses the tests start.
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
 
 assert "huggingface_hub" not in sys.modules, "conftest must configure the Hub environment before it is imported"
 _HF_HOME = tempfile.mkdtemp(prefix="qformat-test-hf-home-")
+atexit.register(shutil.rmtree, _HF_HOME, ignore_errors=True)
 os.environ["HF_HOME"] = _HF_HOME
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
