@@ -73,7 +73,7 @@ def _quantization_config(plan: ConversionPlan, options: ConvertOptions, src: Res
             "skipped_weight_files": skipped,
         },
         "options": options.to_record(),
-        "command": options.command(src.label if src.repo_id else (options.base_model or "SOURCE")),
+        "command": options.command(src.repo_id or options.base_model or "SOURCE"),
         "tensor_hashes": dict(sorted(hashes.items())),
     }
     modules = {}
@@ -91,6 +91,15 @@ def _quantization_config(plan: ConversionPlan, options: ConvertOptions, src: Res
         "modules": modules,
     }
     return plan.config(provenance=provenance, statistics=statistics).to_dict()
+
+
+def _refuse_non_float_weights(layout: OutputLayout) -> None:
+    for job in layout.jobs:
+        if job.decision is not None and job.source.dtype not in _FLOAT_SOURCES:
+            raise UnsupportedModelError(
+                f"{job.source.name} is stored as {job.source.dtype}, not a float type; qformat quantizes float "
+                "weights only (convert from the full-precision model)"
+            )
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
@@ -158,12 +167,7 @@ def convert(source: str | os.PathLike[str], output: str | os.PathLike[str], *, s
     structure = analyze_structure(src.path, {name: t.shape for name, t in checkpoint.tensors.items()})
     plan = plan_conversion(structure, options)
     layout = plan_output(checkpoint, plan, options.max_shard_size)
-    for job in layout.jobs:
-        if job.decision is not None and job.source.dtype not in _FLOAT_SOURCES:
-            raise UnsupportedModelError(
-                f"{job.source.name} is stored as {job.source.dtype}, not a float type; qformat quantizes float "
-                "weights only (convert from the full-precision model)"
-            )
+    _refuse_non_float_weights(layout)
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         _copied, skipped = copy_support_files(src.path, tmp)
         read = set(checkpoint.files) | ({checkpoint.index_file} if checkpoint.index_file else set())

@@ -82,8 +82,8 @@ def _check_exact_names(patterns: list[str], names: set[str], flag: str) -> None:
                 logger.warning("%s %s matches no Linear module", flag, pattern)
         elif pattern not in names:
             raise OptionError(
-                f"{flag} {pattern}: the model has no Linear module with that name; use 'qformat convert' with a "
-                "name from the model (e.g. model.layers.0.mlp.down_proj) or a 're:' pattern"
+                f"{flag} {pattern}: the model has no Linear module with that name; check it (names look like "
+                "model.layers.0.mlp.down_proj) or use a 're:' pattern"
             )
 
 

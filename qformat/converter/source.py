@@ -32,11 +32,6 @@ class ResolvedSource:
     repo_id: str | None
     revision: str | None
 
-    @property
-    def label(self) -> str:
-        """How commands and cards name the source: the repo id, or "SOURCE" for an anonymous local folder."""
-        return self.repo_id or "SOURCE"
-
 
 def _from_cache_layout(path: Path) -> tuple[str | None, str | None]:
     match = _CACHE_SNAPSHOT.search(path.resolve().as_posix())
