@@ -66,7 +66,7 @@ def _expected_tensors(ckpt: QFormatCheckpoint, module: str) -> list[TensorSpec]:
     return module_tensors(module, scheme, out_f, in_f)
 
 
-def _check_values(ckpt: QFormatCheckpoint, module: str, specs: list[TensorSpec]) -> None:
+def _check_values(ckpt: QFormatCheckpoint, specs: list[TensorSpec]) -> None:
     import numpy as np
     import torch
 
@@ -80,7 +80,7 @@ def _check_values(ckpt: QFormatCheckpoint, module: str, specs: list[TensorSpec])
             if bool(((raw & 0x7F) == 0x7F).any()):
                 raise _fail(spec.name, "holds NaN (e4m3fn bit pattern 0x7F/0xFF)")
         elif spec.name.endswith(".bitmask"):
-            in_f = ckpt.load(f"{module}.shape").reshape(-1)[1].item()
+            in_f = 2 * next(s.shape[1] for s in specs if s.name.endswith(".compressed"))
             bits = torch.from_numpy(np.unpackbits(ckpt.load(spec.name).numpy(), axis=-1, bitorder="little"))
             kept = bits[:, :in_f].reshape(bits.shape[0], -1, 4).sum(-1)
             if not bool((kept == 2).all()):
@@ -155,7 +155,7 @@ def verify(folder: str | Path, *, check_hashes: bool = True, check_structure: bo
         leftover = [n for n in (f"{module}.weight", f"{module}.input_scale") if n in ckpt.tensors and n not in expected_names]
         if leftover:
             raise _fail(leftover[0], "is not part of its module's scheme")
-        _check_values(ckpt, module, specs)
+        _check_values(ckpt, specs)
     for entry in qconfig.fallback:
         weight = ckpt.entry(f"{entry.module}.weight")
         if weight is not None and weight.dtype not in _FLOAT_DTYPES:
