@@ -1,6 +1,8 @@
 """qformat: quantized Hugging Face checkpoints as a first-class, portable artifact.
 
-Importing qformat is cheap: torch and transformers are imported by the functions that need them.
+Importing qformat is cheap: torch and transformers are imported by the functions that need them. It registers
+quant_method "qformat" with transformers: at once if transformers' quantizer registry is already imported, otherwise
+the moment it is (see `_qformat_autoload`, which the installed `qformat-autoload.pth` also runs at start-up).
 """
 
 from qformat._version import __version__
@@ -17,6 +19,13 @@ from qformat.errors import (
     WriteError,
 )
 from qformat.spec import FORMAT_VERSION
+
+try:
+    import _qformat_autoload
+except ImportError:  # a source tree used without installing: register explicitly with qformat.loaders.register()
+    pass
+else:
+    _qformat_autoload.install()
 
 __all__ = [
     "FORMAT_VERSION",

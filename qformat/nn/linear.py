@@ -1,0 +1,150 @@
+"""`QuantLinear`: a drop-in for `torch.nn.Linear` that holds a qformat module's tensors as stored and runs kernels.
+
+Parameters are named exactly like the checkpoint tensors (`weight` or `compressed`/`bitmask`/`shape`,
+`weight_scale`, `input_scale`, `bias`), so transformers loads them by name, bit-exact, and `state_dict()` saves them
+back unchanged. They keep their dtypes through `.to(dtype)`, `.half()` and the like (only the bias follows the
+model's dtype); device moves apply to all of them. The kernel for the module's device is prepared once, at load
+time or on the first call after a move, and then picks its path per call from the number of tokens.
+
+Room for later schemes: a scheme with outlier columns kept in float (LLM.int8's threshold) adds its tensors to
+`QUANTIZED_TENSORS` and its op to `_prepare`; nothing else here changes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from qformat.kernels.fp8 import Fp8Linear
+from qformat.kernels.int8_dynamic import Int8Dynamic
+from qformat.kernels.int8_weight_only import Int8WeightOnly
+from qformat.kernels.sparse24 import dense_from_2_4, semi_structured_int8
+from qformat.quantize.dequant import dequantize_dense
+from qformat.quantize.weights import VALUE_DTYPES, quantize_weight
+from qformat.spec.schemes import Scheme
+
+__all__ = ["QUANTIZED_TENSORS", "QuantLinear"]
+
+#: Parameters that hold quantized data and never change dtype.
+QUANTIZED_TENSORS = ("weight", "compressed", "bitmask", "shape", "weight_scale", "input_scale")
+
+
+def _frozen(t: torch.Tensor) -> nn.Parameter:
+    return nn.Parameter(t, requires_grad=False)
+
+
+class QuantLinear(nn.Module):
+    """A Linear layer stored as a qformat scheme says (docs/FORMAT.md section 6)."""
+
+    def __init__(self, in_features: int, out_features: int, scheme: Scheme, *, bias: bool = True,
+                 dtype: torch.dtype | None = None, device: torch.device | str | None = None,
+                 scheme_name: str = "") -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.scheme, self.scheme_name = scheme, scheme_name
+        value = VALUE_DTYPES[scheme.weights.type]
+        if scheme.sparsity is None:
+            self.weight = _frozen(torch.empty(out_features, in_features, dtype=value, device=device))
+        else:
+            self.compressed = _frozen(torch.empty(out_features, in_features // 2, dtype=value, device=device))
+            self.bitmask = _frozen(torch.empty(out_features, -(-in_features // 8), dtype=torch.uint8, device=device))
+            self.shape = _frozen(torch.tensor([[out_features], [in_features]], dtype=torch.int64, device=device))
+        self.weight_scale = _frozen(torch.empty(out_features, 1, dtype=torch.float32, device=device))
+        if scheme.has_static_input_scale:
+            self.input_scale = _frozen(torch.empty(1, dtype=torch.float32, device=device))
+        else:
+            self.register_parameter("input_scale", None)
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False)
+        else:
+            self.register_parameter("bias", None)
+        self._op: Any = None
+
+    # -- construction from a float layer (tests, on-the-fly use) ---------------------------------------------------
+    @classmethod
+    def from_float(cls, linear: nn.Linear, scheme: Scheme, *, observer: str = "absmax", scheme_name: str = "",
+                   input_scale: float | None = None) -> QuantLinear:
+        """Quantize `linear`'s weight with the converter's arithmetic (`input_scale` for static-activation schemes)."""
+        q = quantize_weight(linear.weight.detach(), scheme, observer=observer)
+        module = cls(linear.in_features, linear.out_features, scheme, bias=linear.bias is not None,
+                     dtype=linear.weight.dtype, device=linear.weight.device, scheme_name=scheme_name)
+        with torch.no_grad():
+            if q.bitmask is None:
+                module.weight.copy_(q.values)
+            else:
+                module.compressed.copy_(q.values)
+                module.bitmask.copy_(q.bitmask)
+            module.weight_scale.copy_(q.scales)
+            if module.input_scale is not None:
+                if input_scale is None:
+                    raise ValueError("this scheme has static activation scales: pass input_scale")
+                module.input_scale.fill_(input_scale)
+            if linear.bias is not None:
+                module.bias.copy_(linear.bias.detach())
+        return module
+
+    # -- what the stored tensors mean --------------------------------------------------------------------------
+    def quantized_weight(self) -> torch.Tensor:
+        """The dense quantized values [out, in] (int8 or fp8), decoding 2:4 storage if needed."""
+        if self.scheme.sparsity is None:
+            return self.weight
+        return dense_from_2_4(self.compressed, self.bitmask, self.in_features)
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The full-precision weight the stored tensors stand for (docs/FORMAT.md section 8)."""
+        return dequantize_dense(self.quantized_weight(), self.weight_scale, dtype)
+
+    # -- kernels ---------------------------------------------------------------------------------------------
+    def _prepare(self) -> Any:
+        """Settle the kernel for the module's current device (and capability) once."""
+        scheme = self.scheme
+        values = self.quantized_weight()
+        act = scheme.input_activations
+        static = self.input_scale if scheme.has_static_input_scale else None
+        bias = self.bias.detach() if self.bias is not None else None
+        if scheme.weights.type == "float":
+            op = Fp8Linear(values, self.weight_scale, bias, dynamic=act is not None and act.dynamic,
+                           input_scale=static)
+        elif act is None:
+            op = Int8WeightOnly(values, self.weight_scale, bias)
+        else:
+            sparse = semi_structured_int8(values) if scheme.sparsity is not None else None
+            op = Int8Dynamic(values, self.weight_scale, bias, static, sparse=sparse)
+        self._op = op
+        return op
+
+    def prepare(self) -> QuantLinear:
+        """Prepare the kernel now (transformers' loader calls this after loading the weights)."""
+        for name in QUANTIZED_TENSORS:
+            param = self._parameters.get(name)
+            if param is not None:
+                param.requires_grad_(False)
+        self._prepare()
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        op = self._op if self._op is not None else self._prepare()
+        lead = x.shape[:-1]
+        y = op(x.reshape(-1, x.shape[-1]))
+        return y.reshape(*lead, self.out_features)
+
+    # -- device moves keep dtypes ------------------------------------------------------------------------------
+    def _apply(self, fn, recurse: bool = True):  # type: ignore[override]
+        held = {name: self._parameters.pop(name) for name in QUANTIZED_TENSORS if self._parameters.get(name) is not None}
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            if held:
+                first = next(iter(held.values()))
+                target = fn(torch.empty(0, device=first.device)).device  # where `fn` sends tensors
+                for name, param in held.items():
+                    data = param.data if param.device == target else param.data.to(target)
+                    self._parameters[name] = _frozen(data)
+            self._op = None  # prepared again for the new device on the next call
+        return self
+
+    def extra_repr(self) -> str:
+        scheme = self.scheme_name or "qformat"
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, scheme={scheme}"

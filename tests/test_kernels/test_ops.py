@@ -1,0 +1,150 @@
+"""Every fast path against its reference, on random and adversarial inputs, on both sides of every token threshold,
+asserting which path actually ran (a silent fall-back to the reference must not pass as the fast path)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qformat.kernels import (
+    INT8PACK_MAX_TOKENS,
+    Fp8Linear,
+    Int8Dynamic,
+    Int8WeightOnly,
+    fake_quantize,
+    fp8_reference,
+    int8_dynamic_reference,
+    int8_weight_only_reference,
+    quantize_per_token,
+    trace_paths,
+)
+
+CPU = torch.device("cpu")
+DEVICES = [CPU] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+
+
+def _inputs(kind: str, m: int, k: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(m * 1000 + k)
+    x = torch.randn(m, k, generator=gen)
+    if kind == "zeros":
+        x.zero_()
+    elif kind == "outliers":
+        x[:, ::7] *= 100.0
+    elif kind == "zero_rows":
+        x[::2] = 0.0
+    return x.to(dtype).to(device)
+
+
+def _weights(n: int, k: int, qtype: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(n + 7 * k)
+    scale = (torch.rand(n, 1, generator=gen) * 0.02 + 1e-3).float()
+    if qtype == "int":
+        w = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8)
+    else:
+        w = (torch.randn(n, k, generator=gen) * 100).clamp(-448, 448).to(torch.float8_e4m3fn)
+    bias = torch.randn(n, generator=gen)
+    return w.to(device), scale.to(device), bias.to(device)
+
+
+def _close(got: torch.Tensor, want: torch.Tensor, rtol: float) -> None:
+    assert got.dtype == want.dtype and got.shape == want.shape
+    assert torch.isfinite(got).all()
+    scale = want.float().abs().max().clamp_min(1e-6)
+    err = (got.float() - want.float()).abs().max() / scale
+    assert err <= rtol, f"relative error {err:.3g} > {rtol}"
+
+
+TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
+MS = [1, INT8PACK_MAX_TOKENS - 1, INT8PACK_MAX_TOKENS, 65]
+SHAPES = [(64, 128), (48, 40), (96, 16)]  # (N, K): K = 40 is no multiple of 16
+
+
+@pytest.mark.parametrize("device", DEVICES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("m", MS)
+@pytest.mark.parametrize("n, k", SHAPES)
+@pytest.mark.parametrize("kind", ["random", "outliers", "zeros"])
+def test_int8_weight_only_paths(device, dtype, m, n, k, kind):
+    w, s, b = _weights(n, k, "int", device)
+    x = _inputs(kind, m, k, dtype, device)
+    op = Int8WeightOnly(w, s, b.to(dtype))
+    with trace_paths() as log:
+        y = op(x)
+    fast = device.type == "cpu" and dtype != torch.float32 and k % 16 == 0 and m < INT8PACK_MAX_TOKENS
+    assert log == [("int8_weight_only", "cpu_int8pack" if fast else "dequant_tiled")]
+    _close(y, int8_weight_only_reference(x, w, s, b.to(dtype)), TOL[dtype])
+
+
+@pytest.mark.parametrize("device", DEVICES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("m", [1, 2, 16, 17, 65])
+@pytest.mark.parametrize("n, k", SHAPES)
+@pytest.mark.parametrize("kind", ["random", "outliers", "zeros", "zero_rows"])
+def test_int8_dynamic_paths(device, dtype, m, n, k, kind):
+    w, s, b = _weights(n, k, "int", device)
+    x = _inputs(kind, m, k, dtype, device)
+    op = Int8Dynamic(w, s, b.to(dtype))
+    with trace_paths() as log:
+        y = op(x)
+    assert log == [("int8_w8a8", "cuda_int_mm" if device.type == "cuda" else "cpu_int_mm")]
+    want = int8_dynamic_reference(x, w, s, b.to(dtype))
+    if dtype == torch.float32:  # integer products are exact on both sides; only the final rescale rounds
+        _close(y, want, 1e-6)
+    else:
+        _close(y, want, TOL[dtype])
+
+
+def test_int8_dynamic_static_scale_and_per_token_never_per_tensor():
+    w, s, b = _weights(32, 64, "int", CPU)
+    x = _inputs("outliers", 4, 64, torch.float32, CPU)
+    x[0] *= 1000.0  # one loud token must not coarsen the others' quantization
+    y = Int8Dynamic(w, s, b)(x)
+    per_token = int8_dynamic_reference(x, w, s, b)
+    _close(y, per_token, 1e-6)
+    scale = torch.tensor([float(x.abs().max()) / 127])
+    per_tensor = int8_dynamic_reference(x, w, s, b, input_scale=scale)
+    assert (y[1:] - per_tensor[1:]).abs().max() > 10 * (y[1:] - per_token[1:]).abs().max()
+    static = Int8Dynamic(w, s, b, input_scale=scale)(x)
+    _close(static, per_tensor, 1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("dynamic", [True, False], ids=["fp8-dynamic", "fp8-weight-only"])
+@pytest.mark.parametrize("m", [1, 17])
+@pytest.mark.parametrize("kind", ["random", "outliers", "zeros"])
+def test_fp8_paths(device, dtype, dynamic, m, kind):
+    w, s, b = _weights(64, 128, "float", device)
+    x = _inputs(kind, m, 128, dtype, device)
+    op = Fp8Linear(w, s, b.to(dtype), dynamic=dynamic)
+    with trace_paths() as log:
+        y = op(x)
+    assert log == [("fp8", "cuda_scaled_mm" if op.native else "upcast")]
+    assert op.weight.dtype == torch.float8_e4m3fn  # stays fp8 in memory
+    _close(y, fp8_reference(x, w, s, b.to(dtype), dynamic), TOL[dtype])
+
+
+def test_per_token_quantization_follows_the_spec():
+    x = torch.tensor([[0.0, 0.0, 0.0], [1.0, -2.0, 0.5], [3.0, 1e-8, -3.0]])
+    q, s = quantize_per_token(x, "int")
+    assert torch.equal(s.flatten(), torch.tensor([1.0, 2.0, 3.0]) / torch.tensor([1.0, 127.0, 127.0]))
+    assert q.tolist() == [[0, 0, 0], [64, -127, 32], [127, 0, -127]]  # 63.5 rounds half to even: 64
+    q8, s8 = quantize_per_token(x, "float")
+    assert q8.dtype == torch.float8_e4m3fn and s8[1].item() == pytest.approx(2.0 / 448)
+    assert torch.equal(fake_quantize(torch.zeros(2, 4), "int"), torch.zeros(2, 4))
+
+
+@pytest.mark.cuda
+def test_cuda_paths_are_the_fast_ones():
+    dev = torch.device("cuda")
+    w, s, b = _weights(256, 256, "int", dev)
+    x = _inputs("random", 64, 256, torch.bfloat16, dev)
+    with trace_paths() as log:
+        Int8Dynamic(w, s, b.bfloat16())(x)
+        Int8WeightOnly(w, s, b.bfloat16())(x)
+    assert log == [("int8_w8a8", "cuda_int_mm"), ("int8_weight_only", "dequant_tiled")]
+    if torch.cuda.get_device_capability() >= (8, 9):
+        wf, sf, bf = _weights(256, 256, "float", dev)
+        with trace_paths() as log:
+            Fp8Linear(wf, sf, bf.bfloat16(), dynamic=True)(x)
+        assert log == [("fp8", "cuda_scaled_mm")]
