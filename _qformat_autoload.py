@@ -17,9 +17,7 @@ _TARGET = "transformers.quantizers.auto"
 
 def _register():
     try:
-        from qformat.loaders import register
-
-        register()
+        import qformat.loaders.transformers  # noqa: F401 - importing it registers (also when it is mid-import)
     except Exception as exc:  # never break the user's import of transformers
         import warnings
 

@@ -1,9 +1,9 @@
 """transformers integration: quant_method "qformat" for `from_pretrained` and `save_pretrained`.
 
-`register()` adds a `QuantizationConfigMixin` and an `HfQuantizer` to transformers' registries (idempotent). It runs
-when qformat is imported and, through the `qformat-autoload.pth` hook installed with the package, as soon as
-transformers imports its quantizer registry, so a user who never imports qformat still gets a correct model
-(see `_qformat_autoload`).
+`register()` adds a `QuantizationConfigMixin` and an `HfQuantizer` to transformers' registries (idempotent); importing
+this module calls it. That happens when qformat is imported and transformers' registry is already loaded, or,
+through the `qformat-autoload.pth` hook installed with the package, as soon as transformers imports its quantizer
+registry, so a user who never imports qformat still gets a correct model (see `_qformat_autoload`).
 
 Loading: before the weights load, every `nn.Linear` whose checkpoint stores quantized tensors is replaced (on the
 meta device) by a `QuantLinear` with parameters named and typed like those tensors, so transformers copies them in
@@ -198,3 +198,8 @@ def register() -> None:
     if QFormatQuantizationConfig not in auto.LOADING_ATTRIBUTES_CONFIG_TYPES:
         auto.LOADING_ATTRIBUTES_CONFIG_TYPES = (*auto.LOADING_ATTRIBUTES_CONFIG_TYPES, QFormatQuantizationConfig)
     logger.debug("registered quant_method %r with transformers", QUANT_METHOD)
+
+
+# Importing this module registers it: the autoload hook (and `import qformat`) rely on that, and it is also what makes
+# an import of this module from inside transformers' own import of its registry safe (no partial-module lookups).
+register()

@@ -6,6 +6,9 @@ back unchanged. They keep their dtypes through `.to(dtype)`, `.half()` and the l
 model's dtype); device moves apply to all of them. The kernel for the module's device is prepared once, at load
 time or on the first call after a move, and then picks its path per call from the number of tokens.
 
+Inference only: the kernels run without autograd, so no gradient flows through a `QuantLinear` (transformers is
+told `is_trainable = False`).
+
 Room for later schemes: a scheme with outlier columns kept in float (LLM.int8's threshold) adds its tensors to
 `QUANTIZED_TENSORS` and its op to `_prepare`; nothing else here changes.
 """
@@ -29,6 +32,8 @@ __all__ = ["QUANTIZED_TENSORS", "QuantLinear"]
 
 #: Parameters that hold quantized data and never change dtype.
 QUANTIZED_TENSORS = ("weight", "compressed", "bitmask", "shape", "weight_scale", "input_scale")
+#: Byte alignment the CPU kernels are given (a cache line; torch's allocator gives 64).
+_ALIGNMENT = 64
 
 
 def _frozen(t: torch.Tensor) -> nn.Parameter:
@@ -116,18 +121,25 @@ class QuantLinear(nn.Module):
         return op
 
     def prepare(self) -> QuantLinear:
-        """Prepare the kernel now (transformers' loader calls this after loading the weights)."""
+        """Prepare the kernel now (transformers' loader calls this after loading the weights).
+
+        Tensors that transformers handed over at an address oneDNN's kernels cannot take (safetensors data is only
+        8-byte aligned; `_weight_int8pack_mm` crashes on it) are copied once to allocator-aligned memory.
+        """
         for name in QUANTIZED_TENSORS:
             param = self._parameters.get(name)
             if param is not None:
+                if param.data_ptr() % _ALIGNMENT:
+                    param = self._parameters[name] = _frozen(param.data.clone(memory_format=torch.contiguous_format))
                 param.requires_grad_(False)
         self._prepare()
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        op = self._op if self._op is not None else self._prepare()
+        op = self._op if self._op is not None else self.prepare()._op
         lead = x.shape[:-1]
-        y = op(x.reshape(-1, x.shape[-1]))
+        with torch.no_grad():  # inference kernels: no gradient flows through a quantized layer
+            y = op(x.reshape(-1, x.shape[-1]))
         return y.reshape(*lead, self.out_features)
 
     # -- device moves keep dtypes ------------------------------------------------------------------------------
