@@ -70,9 +70,27 @@ def test_int8_weight_only_paths(device, dtype, m, n, k, kind):
     op = Int8WeightOnly(w, s, b.to(dtype))
     with trace_paths() as log:
         y = op(x)
-    fast = device.type == "cpu" and dtype != torch.float32 and k % 16 == 0 and m < INT8PACK_MAX_TOKENS
-    assert log == [("int8_weight_only", "cpu_int8pack" if fast else "dequant_tiled")]
+    if device.type == "cpu" and dtype != torch.float32:
+        path = "cpu_int8pack" if k % 16 == 0 and m < INT8PACK_MAX_TOKENS else "cpu_int_mm_split"
+    else:
+        path = "dequant_tiled"
+    assert log == [("int8_weight_only", path)]
     _close(y, int8_weight_only_reference(x, w, s, b.to(dtype)), TOL[dtype])
+
+
+@pytest.mark.parametrize("kind", ["random", "outliers", "zero_rows"])
+def test_int8_split_is_more_precise_than_a_bf16_gemm(kind):
+    """The many-token weight-only path may replace a bf16 GEMM only because it is closer to the exact product."""
+    from qformat.kernels import dequant_tiled_linear
+
+    w, s, _ = _weights(512, 1024, "int", CPU)
+    x = _inputs(kind, 96, 1024, torch.bfloat16, CPU)
+    exact = int8_weight_only_reference(x.double(), w, s.double(), None)
+    with trace_paths() as log:
+        split = Int8WeightOnly(w, s, None)(x)
+    assert log == [("int8_weight_only", "cpu_int_mm_split")]
+    bf16_gemm = dequant_tiled_linear(x, w, s, None)
+    assert (split.double() - exact).norm() < (bf16_gemm.double() - exact).norm()
 
 
 @pytest.mark.parametrize("device", DEVICES, ids=str)

@@ -1,0 +1,167 @@
+"""Linear-layer speed on this CPU: qformat's modules vs fp32/bf16 nn.Linear and the peers, one process, one run.
+
+    python benchmarks/linear.py [--ms 1,8,128,512] [--plot docs/linear.png] [--seconds 0.3]
+
+Shapes are cpu-kernels.md's (K x N = in x out: 2048x2048, 4096x4096, 4096x14336). Activations are bf16 for every
+quantized row except PyTorch's legacy `quantize_dynamic` (fp32 only, the runtime of Intel's int8-dynamic models).
+Peers are rows, not dependencies: torchao (int8 weight-only, W8A8 dynamic; eager) and optimum-quanto (qint8
+weights) are measured when importable, and reported as absent otherwise. Every figure is a median over
+repeated calls after warm-up; the ratios (x bf16) come from the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from qformat.kernels import trace_paths
+from qformat.nn import QuantLinear
+from qformat.spec import resolve_scheme_name
+
+SHAPES = [(2048, 2048), (4096, 4096), (4096, 14336)]
+
+
+def timed(fn: Callable[[], object], seconds: float) -> float:
+    """Median milliseconds of `fn` over about `seconds` of calls (at least 5), after 3 warm-up calls."""
+    for _ in range(3):
+        fn()
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < 5 or time.perf_counter() - start < seconds:
+        t = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t) * 1000)
+    return statistics.median(times)
+
+
+def _torchao(linear: torch.nn.Linear, kind: str):
+    import copy
+
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig, quantize_
+
+    model = torch.nn.Sequential(copy.deepcopy(linear))
+    quantize_(model, Int8WeightOnlyConfig() if kind == "weight-only" else Int8DynamicActivationInt8WeightConfig())
+    return model
+
+
+def _quanto(linear: torch.nn.Linear):
+    import copy
+
+    from optimum.quanto import freeze, qint8, quantize
+
+    model = torch.nn.Sequential(copy.deepcopy(linear))
+    quantize(model, weights=qint8)
+    freeze(model)
+    return model
+
+
+def _legacy_dynamic(linear: torch.nn.Linear):
+    import copy
+
+    model = torch.nn.Sequential(copy.deepcopy(linear).float())
+    return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+
+
+def build_rows(k: int, n: int) -> dict[str, tuple[torch.nn.Module | None, torch.dtype, str]]:
+    """name -> (module or None if unavailable, activation dtype, note)."""
+    torch.manual_seed(0)
+    base = torch.nn.Linear(k, n, bias=False)
+    torch.nn.init.normal_(base.weight, std=0.02)
+    bf16 = torch.nn.Linear(k, n, bias=False).to(torch.bfloat16)
+    bf16.weight.data.copy_(base.weight.data)
+    rows: dict[str, tuple[torch.nn.Module | None, torch.dtype, str]] = {
+        "fp32 nn.Linear": (base, torch.float32, ""),
+        "bf16 nn.Linear": (bf16, torch.bfloat16, ""),
+    }
+    for scheme in ("w8a16-int8", "w8a8-int8", "fp8-dynamic"):
+        rows[f"qformat {scheme}"] = (QuantLinear.from_float(bf16, resolve_scheme_name(scheme)[1], scheme_name=scheme),
+                                     torch.bfloat16, "")
+    peers = {
+        "torchao int8 weight-only": lambda: _torchao(bf16, "weight-only"),
+        "torchao W8A8 dynamic": lambda: _torchao(bf16, "dynamic"),
+        "optimum-quanto qint8": lambda: _quanto(bf16),
+        "quantize_dynamic (fp32)": lambda: _legacy_dynamic(base),
+    }
+    for name, make in peers.items():
+        try:
+            rows[name] = (make(), torch.float32 if "fp32" in name else torch.bfloat16, "")
+        except Exception as exc:  # a missing or broken peer is a row that says so
+            rows[name] = (None, torch.bfloat16, f"{type(exc).__name__}: {str(exc)[:60]}")
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ms", default="1,8,128,512")
+    parser.add_argument("--seconds", type=float, default=0.3)
+    parser.add_argument("--plot", type=Path, default=None, help="write a PNG of time vs M per scheme")
+    parser.add_argument("--shapes", default=",".join(f"{k}x{n}" for k, n in SHAPES))
+    args = parser.parse_args()
+    ms = [int(m) for m in args.ms.split(",")]
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    results: dict[tuple[int, int], dict[str, dict[int, float]]] = {}
+    paths: dict[tuple[int, int, str, int], str] = {}
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; milliseconds per call (x bf16 in brackets)")
+    for k, n in shapes:
+        rows = build_rows(k, n)
+        table: dict[str, dict[int, float]] = {name: {} for name in rows}
+        for m in ms:
+            x32 = torch.randn(m, k)
+            for name, (module, dtype, _) in rows.items():
+                if module is None:
+                    continue
+                x = x32.to(dtype)
+                with torch.no_grad():
+                    table[name][m] = timed(lambda module=module, x=x: module(x), args.seconds)
+                    if isinstance(module, QuantLinear):
+                        with trace_paths() as log:
+                            module(x)
+                        paths[k, n, name, m] = "+".join(p for _, p in log)
+        results[k, n] = table
+        head = "| K x N | layer | " + " | ".join(f"M={m}" for m in ms) + " |"
+        print(f"\n{head}\n|" + "---|" * (len(ms) + 2))
+        for name, (module, _, note) in rows.items():
+            if module is None:
+                print(f"| {k}x{n} | {name} | " + " | ".join("-" for _ in ms) + f" | absent: {note}")
+                continue
+            cells = []
+            for m in ms:
+                t, ref = table[name][m], table["bf16 nn.Linear"][m]
+                path = paths.get((k, n, name, m))
+                cells.append(f"{t:.2f} ({ref / t:.2f}x){' ' + path if path else ''}")
+            print(f"| {k}x{n} | {name} | " + " | ".join(cells) + " |")
+    if args.plot:
+        _plot(results, ms, args.plot)
+
+
+def _plot(results, ms, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4.5), squeeze=False)
+    for ax, ((k, n), table) in zip(axes[0], results.items()):
+        for name, times in table.items():
+            if times:
+                style = "-o" if name.startswith(("qformat", "bf16", "fp32")) else "--x"
+                ax.plot(list(times), list(times.values()), style, label=name)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("tokens M")
+        ax.set_ylabel("ms per call")
+        ax.set_title(f"K x N = {k} x {n}")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"\nplot: {path}")
+
+
+if __name__ == "__main__":
+    main()
