@@ -6,7 +6,8 @@ Shapes are cpu-kernels.md's (K x N = in x out: 2048x2048, 4096x4096, 4096x14336)
 quantized row except PyTorch's legacy `quantize_dynamic` (fp32 only, the runtime of Intel's int8-dynamic models).
 Peers are rows, not dependencies: torchao (int8 weight-only, W8A8 dynamic; eager) and optimum-quanto (qint8
 weights) are measured when importable, and reported as absent otherwise. Every figure is a median over
-repeated calls after warm-up; the ratios (x bf16) come from the same run.
+calls in interleaved rounds (every layer once per round, so the shared machine's slow spells hit all alike);
+the ratios (x bf16) come from the same run.
 """
 
 from __future__ import annotations
@@ -26,17 +27,29 @@ from qformat.spec import resolve_scheme_name
 SHAPES = [(2048, 2048), (4096, 4096), (4096, 14336)]
 
 
-def timed(fn: Callable[[], object], seconds: float) -> float:
-    """Median milliseconds of `fn` over about `seconds` of calls (at least 5), after 3 warm-up calls."""
-    for _ in range(3):
+def timed_together(fns: dict[str, Callable[[], object]], seconds: float) -> dict[str, float]:
+    """Median milliseconds per call of each function, measured in interleaved rounds.
+
+    Each round times every function once (a burst of calls lasting ~10 ms), so a slow spell of this shared machine
+    hits all of them alike; rounds repeat for about `seconds` per function, and at least 7 times.
+    """
+    reps = {}
+    for name, fn in fns.items():  # warm-up, and how many calls make ~10 ms
         fn()
-    times: list[float] = []
-    start = time.perf_counter()
-    while len(times) < 5 or time.perf_counter() - start < seconds:
         t = time.perf_counter()
         fn()
-        times.append((time.perf_counter() - t) * 1000)
-    return statistics.median(times)
+        reps[name] = max(1, int(0.010 / max(time.perf_counter() - t, 1e-6)))
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    start = time.perf_counter()
+    rounds = 0
+    while rounds < 7 or time.perf_counter() - start < seconds * len(fns):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            for _ in range(reps[name]):
+                fn()
+            samples[name].append((time.perf_counter() - t) * 1000 / reps[name])
+        rounds += 1
+    return {name: statistics.median(values) for name, values in samples.items()}
 
 
 def _torchao(linear: torch.nn.Linear, kind: str):
@@ -112,16 +125,19 @@ def main() -> None:
         table: dict[str, dict[int, float]] = {name: {} for name in rows}
         for m in ms:
             x32 = torch.randn(m, k)
+            fns = {}
             for name, (module, dtype, _) in rows.items():
                 if module is None:
                     continue
                 x = x32.to(dtype)
-                with torch.no_grad():
-                    table[name][m] = timed(lambda module=module, x=x: module(x), args.seconds)
-                    if isinstance(module, QuantLinear):
-                        with trace_paths() as log:
-                            module(x)
-                        paths[k, n, name, m] = "+".join(p for _, p in log)
+                fns[name] = lambda module=module, x=x: module(x)
+                if isinstance(module, QuantLinear):
+                    with trace_paths() as log, torch.no_grad():
+                        module(x)
+                    paths[k, n, name, m] = "+".join(p for _, p in log)
+            with torch.no_grad():
+                for name, ms_per_call in timed_together(fns, args.seconds).items():
+                    table[name][m] = ms_per_call
         results[k, n] = table
         head = "| K x N | layer | " + " | ".join(f"M={m}" for m in ms) + " |"
         print(f"\n{head}\n|" + "---|" * (len(ms) + 2))

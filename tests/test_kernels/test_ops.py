@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from qformat.kernels import (
+    CPU_WEIGHT_LEFT_MAX_TOKENS,
     INT8PACK_MAX_TOKENS,
+    SPLIT_MAX_TOKENS,
     Fp8Linear,
     Int8Dynamic,
     Int8WeightOnly,
@@ -55,7 +57,7 @@ def _close(got: torch.Tensor, want: torch.Tensor, rtol: float) -> None:
 
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
-MS = [1, INT8PACK_MAX_TOKENS - 1, INT8PACK_MAX_TOKENS, 65]
+MS = [1, INT8PACK_MAX_TOKENS - 1, INT8PACK_MAX_TOKENS, SPLIT_MAX_TOKENS - 1, SPLIT_MAX_TOKENS]
 SHAPES = [(64, 128), (48, 40), (96, 16)]  # (N, K): K = 40 is no multiple of 16
 
 
@@ -70,7 +72,7 @@ def test_int8_weight_only_paths(device, dtype, m, n, k, kind):
     op = Int8WeightOnly(w, s, b.to(dtype))
     with trace_paths() as log:
         y = op(x)
-    if device.type == "cpu" and dtype != torch.float32:
+    if device.type == "cpu" and dtype != torch.float32 and m < SPLIT_MAX_TOKENS:
         path = "cpu_int8pack" if k % 16 == 0 and m < INT8PACK_MAX_TOKENS else "cpu_int_mm_split"
     else:
         path = "dequant_tiled"
@@ -95,7 +97,7 @@ def test_int8_split_is_more_precise_than_a_bf16_gemm(kind):
 
 @pytest.mark.parametrize("device", DEVICES, ids=str)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
-@pytest.mark.parametrize("m", [1, 2, 16, 17, 65])
+@pytest.mark.parametrize("m", [1, 2, 16, 17, CPU_WEIGHT_LEFT_MAX_TOKENS - 1, CPU_WEIGHT_LEFT_MAX_TOKENS])
 @pytest.mark.parametrize("n, k", SHAPES)
 @pytest.mark.parametrize("kind", ["random", "outliers", "zeros", "zero_rows"])
 def test_int8_dynamic_paths(device, dtype, m, n, k, kind):
@@ -104,7 +106,11 @@ def test_int8_dynamic_paths(device, dtype, m, n, k, kind):
     op = Int8Dynamic(w, s, b.to(dtype))
     with trace_paths() as log:
         y = op(x)
-    assert log == [("int8_w8a8", "cuda_int_mm" if device.type == "cuda" else "cpu_int_mm")]
+    if device.type == "cuda":
+        path = "cuda_int_mm"
+    else:
+        path = "cpu_int_mm_wx" if m < CPU_WEIGHT_LEFT_MAX_TOKENS else "cpu_int_mm_xw"
+    assert log == [("int8_w8a8", path)]
     want = int8_dynamic_reference(x, w, s, b.to(dtype))
     if dtype == torch.float32:  # integer products are exact on both sides; only the final rescale rounds
         _close(y, want, 1e-6)
