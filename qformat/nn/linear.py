@@ -32,8 +32,9 @@ __all__ = ["QUANTIZED_TENSORS", "QuantLinear"]
 
 #: Parameters that hold quantized data and never change dtype.
 QUANTIZED_TENSORS = ("weight", "compressed", "bitmask", "shape", "weight_scale", "input_scale")
-#: Byte alignment the CPU kernels are given (a cache line; torch's allocator gives 64).
-_ALIGNMENT = 64
+#: `_weight_int8pack_mm` crashes on weights that are not 16-byte aligned (measured, torch 2.13); safetensors data,
+#: which transformers hands over without copying, is only 8-byte aligned.
+_INT8PACK_ALIGNMENT = 16
 
 
 def _frozen(t: torch.Tensor) -> nn.Parameter:
@@ -123,15 +124,17 @@ class QuantLinear(nn.Module):
     def prepare(self) -> QuantLinear:
         """Prepare the kernel now (transformers' loader calls this after loading the weights).
 
-        Tensors that transformers handed over at an address oneDNN's kernels cannot take (safetensors data is only
-        8-byte aligned; `_weight_int8pack_mm` crashes on it) are copied once to allocator-aligned memory.
+        A weight-only int8 weight that transformers handed over at an address `_weight_int8pack_mm` cannot take is
+        copied once to allocator-aligned memory (the mapped original is then released).
         """
         for name in QUANTIZED_TENSORS:
             param = self._parameters.get(name)
             if param is not None:
-                if param.data_ptr() % _ALIGNMENT:
-                    param = self._parameters[name] = _frozen(param.data.clone(memory_format=torch.contiguous_format))
                 param.requires_grad_(False)
+        weight = self._parameters.get("weight")
+        weight_only_int8 = self.scheme.weights.type == "int" and self.scheme.input_activations is None
+        if weight_only_int8 and weight is not None and weight.data_ptr() % _INT8PACK_ALIGNMENT:
+            self._parameters["weight"] = _frozen(weight.data.clone(memory_format=torch.contiguous_format))
         self._prepare()
         return self
 
