@@ -211,3 +211,36 @@ def test_loading_without_import_qformat(converted, disabled):
         assert result.stdout.split()[0] == "Linear"
     else:
         assert result.stdout.split() == ["QuantLinear", "torch.int8", "True"]
+
+
+def test_masked_lm_class(tmp_path):
+    from transformers import AutoModelForMaskedLM, BertConfig, BertForMaskedLM
+
+    torch.manual_seed(0)
+    BertForMaskedLM(BertConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                               vocab_size=256, max_position_embeddings=64)).save_pretrained(tmp_path / "bert")
+    folder = qformat.convert(tmp_path / "bert", tmp_path / "bert-w8a8", scheme="w8a8-int8").output
+    model = AutoModelForMaskedLM.from_pretrained(folder).eval()
+    assert sum(isinstance(m, QuantLinear) for m in model.modules()) == 13  # 2 x 6 + the head's transform
+    got, want = _logits(model, "bert"), _logits(reference_model(AutoModelForMaskedLM, folder), "bert")
+    assert (got - want).abs().max() <= 1e-4 * want.abs().max()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_cuda_loading_matches_the_reference(converted, scheme):
+    from qformat.kernels import trace_paths
+
+    folder = converted("llama", scheme)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, device_map="cuda").eval()
+    assert all(m.weight_scale.is_cuda for m in model.modules() if isinstance(m, QuantLinear))
+    inputs = {k: v.cuda() for k, v in _inputs("llama").items()}
+    with torch.no_grad(), trace_paths() as log:
+        got = model(**inputs).logits.float()
+    assert not any(path.startswith("cpu") for _, path in log)
+    reference = reference_model(AutoModelForCausalLM, folder, dtype=torch.bfloat16, device_map="cuda")
+    with torch.no_grad():
+        want = reference(**inputs).logits.float()
+    assert (got - want).abs().max() <= 5e-2 * want.abs().max()  # bf16 kernels on both sides
+    out = model.generate(inputs["input_ids"], max_new_tokens=16, min_new_tokens=16, do_sample=False)
+    assert out.shape[1] == inputs["input_ids"].shape[1] + 16
