@@ -42,6 +42,7 @@ __all__ = [
     "__version__",
     "convert",
     "inspect",
+    "push",
     "verify",
 ]
 
@@ -55,6 +56,10 @@ def __getattr__(name: str):  # lazy: keep `import qformat` free of torch until a
         from qformat.checkpoint import inspect
 
         return inspect
+    if name == "push":
+        from qformat.hub import push
+
+        return push
     if name == "verify":
         from qformat.checkpoint import verify
 

@@ -1,0 +1,80 @@
+"""`qformat card --check`: find what an existing README claims that the checkpoint contradicts.
+
+The checks target the mistakes seen on published quantized cards: a dtype word that does not match the weights
+("INT4" on an FP8 model), Linear counts that do not match the fallback list, a size table that went stale, and
+metadata without `base_model` (the Hub then cannot link the model to its base). The carried-over original card is
+not checked: it describes the source model.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from qformat.cards.facts import ORIGINAL_START, CardFacts, card_facts, split_source_card
+from qformat.cards.render import _WORDS, _tags
+from qformat.checkpoint.inspect import _human
+
+__all__ = ["check_card"]
+
+_DTYPE_WORD = re.compile(r"(?<![\w-])(int2|int3|int4|int8|fp4|nf4|fp6|fp8|mxfp4|nvfp4|w4a16|w4a8|w8a8|w8a16|[2-8]-bit)(?![\w-])",
+                         re.IGNORECASE)
+_COUNT = re.compile(r"(\d+)\s+of\s+(?:its\s+)?(\d+)\s+Linear modules", re.IGNORECASE)
+_SIZE_ROW = re.compile(r"^\|\s*Weights\s*\|\s*([^|]+?)\s*\|\s*([^|]+?)\s*\|", re.MULTILINE)
+
+
+def _allowed_words(f: CardFacts) -> set[str]:
+    words = set()
+    if "int" in f.weight_types:
+        words |= {"int8", "8-bit", "w8a8", "w8a16"}
+    if "float" in f.weight_types:
+        words |= {"fp8", "8-bit"}
+    return words
+
+
+def _own_text(readme: str) -> str:
+    """The README without its metadata and without the original card it carries."""
+    body = re.sub(r"^---\s*\n.*?\n---\s*\n", "", readme, count=1, flags=re.DOTALL)
+    start = body.find(ORIGINAL_START)
+    return body if start < 0 else body[:start]
+
+
+def check_card(folder: str | Path, text: str | None = None) -> list[str]:
+    """Problems of `text` (default: `folder`/README.md) against the checkpoint in `folder`; empty if none."""
+    folder = Path(folder)
+    f = card_facts(folder)
+    if text is None:
+        path = folder / "README.md"
+        if not path.is_file():
+            return ["there is no README.md"]
+        text = path.read_text(encoding="utf-8")
+    problems: list[str] = []
+    meta = split_source_card(text).metadata
+    if f.base_model and meta.get("base_model") != f.base_model:
+        found = meta.get("base_model")
+        problems.append(f"base_model is {found!r}, the checkpoint's base model is {f.base_model!r}" if found
+                        else f"base_model is missing from the metadata (the checkpoint records {f.base_model!r})")
+    if f.base_model and meta.get("base_model_relation") != "quantized":
+        problems.append(f"base_model_relation is {meta.get('base_model_relation')!r}, not 'quantized'")
+    tags = meta.get("tags") if isinstance(meta.get("tags"), list) else []
+    missing_tags = [t for t in _tags(f) if t not in tags]
+    if missing_tags:
+        problems.append(f"tags lack {', '.join(missing_tags)}")
+    own = _own_text(text)
+    allowed = _allowed_words(f)
+    for word in dict.fromkeys(m.group(1).lower() for m in _DTYPE_WORD.finditer(own)):
+        if word not in allowed:
+            weights = "/".join(_WORDS[t] for t in sorted(f.weight_types))
+            problems.append(f"says {word.upper()}, but the weights are {weights}")
+    valid_counts = {(f.quantized_modules, f.linear_modules), (len(f.fallback), f.linear_modules)}
+    for match in _COUNT.finditer(own):
+        pair = (int(match.group(1)), int(match.group(2)))
+        if pair not in valid_counts:
+            problems.append(f"says '{match.group(0)}', but {f.quantized_modules} of {f.linear_modules} Linear "
+                            f"modules are quantized and {len(f.fallback)} kept in full precision")
+    expected_sizes = (_human(f.source_bytes), _human(f.checkpoint_bytes))
+    for match in _SIZE_ROW.finditer(own):
+        if (match.group(1), match.group(2)) != expected_sizes:
+            problems.append(f"size table says {match.group(1)} -> {match.group(2)}, the checkpoint is "
+                            f"{expected_sizes[0]} -> {expected_sizes[1]}")
+    return problems

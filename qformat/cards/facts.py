@@ -1,0 +1,171 @@
+"""Everything a model card says, taken from the checkpoint itself (config.json, headers, the source card).
+
+Cards are generated from these facts only, so a card cannot claim a dtype, count or size the checkpoint does not
+have, and the same checkpoint always gives the same card (no dates, no local paths).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qformat.checkpoint.inspect import inspect
+from qformat.checkpoint.reader import open_checkpoint
+from qformat.spec.config import FallbackEntry
+from qformat.spec.schemes import Scheme
+
+__all__ = ["CardFacts", "SourceCard", "card_facts", "split_source_card", "ORIGINAL_START", "ORIGINAL_END", "MARKER"]
+
+#: First line of every generated card body; `qformat card` recognises its own cards by it.
+MARKER = "<!-- qformat model card"
+ORIGINAL_START = "<!-- qformat: original model card starts -->"
+ORIGINAL_END = "<!-- qformat: original model card ends -->"
+
+_AUTO_CLASSES = (("ForCausalLM", "AutoModelForCausalLM", "text-generation"),
+                 ("ForConditionalGeneration", "AutoModelForSeq2SeqLM", "text2text-generation"),
+                 ("ForSequenceClassification", "AutoModelForSequenceClassification", "text-classification"),
+                 ("ForTokenClassification", "AutoModelForTokenClassification", "token-classification"),
+                 ("ForQuestionAnswering", "AutoModelForQuestionAnswering", "question-answering"),
+                 ("ForMaskedLM", "AutoModelForMaskedLM", "fill-mask"))  # fmt: skip
+
+
+@dataclass(frozen=True)
+class SourceCard:
+    """The source model's card as carried in the checkpoint folder: its metadata and its body."""
+
+    metadata: dict[str, Any] = field(default_factory=dict)
+    body: str = ""
+
+
+@dataclass(frozen=True)
+class CardFacts:
+    """The facts a card states, all derived from the checkpoint."""
+
+    architecture: str
+    model_type: str
+    auto_class: str
+    base_model: str | None
+    license: str | None
+    pipeline_tag: str | None
+    format_version: int
+    default_scheme: str
+    schemes: dict[str, Scheme]
+    scheme_descriptions: dict[str, str]
+    overrides: list[str]
+    observers: list[str]
+    linear_modules: int
+    quantized_modules: int
+    modules_per_scheme: dict[str, int]
+    fallback: tuple[FallbackEntry, ...]
+    source_bytes: int | None
+    checkpoint_bytes: int
+    parameters: int | None
+    mean_rel_error: float | None
+    max_rel_error: float | None
+    command: str
+    qformat_version: str
+    environment: dict[str, str]
+    evaluation: list[dict[str, Any]]
+    source_card: SourceCard
+    sentence_transformers: bool
+
+    @property
+    def weight_types(self) -> set[str]:
+        return {s.weights.type for s in self.schemes.values()}
+
+    @property
+    def sparse(self) -> bool:
+        return any(s.sparsity for s in self.schemes.values())
+
+    @property
+    def ratio(self) -> float | None:
+        return self.source_bytes / self.checkpoint_bytes if self.source_bytes and self.checkpoint_bytes else None
+
+
+def split_source_card(text: str) -> SourceCard:
+    """Metadata and body of a README, and, for a card qformat generated, the original card it carries."""
+    import yaml
+
+    metadata: dict[str, Any] = {}
+    body = text
+    match = re.match(r"^---\s*\n(.*?)\n---\s*\n", text, re.DOTALL)
+    if match:
+        try:
+            loaded = yaml.safe_load(match.group(1))
+        except yaml.YAMLError:
+            loaded = None
+        metadata = loaded if isinstance(loaded, dict) else {}
+        body = text[match.end() :]
+    if MARKER in body:  # one of ours: the original card is what it carries between the markers, if anything
+        start, end = body.find(ORIGINAL_START), body.find(ORIGINAL_END)
+        body = body[start + len(ORIGINAL_START) : end].strip("\n") if 0 <= start < end else ""
+        body = _promote_headings(body)
+    return SourceCard(metadata, body.strip("\n"))
+
+
+def _promote_headings(body: str) -> str:
+    """Undo `demote_headings` (the carried card's headings were pushed down two levels)."""
+    out, fenced = [], False
+    for line in body.splitlines():
+        if line.lstrip().startswith("```"):
+            fenced = not fenced
+        if not fenced and line.startswith("###"):
+            line = line[2:]
+        out.append(line)
+    return "\n".join(out)
+
+
+def _auto_class(architecture: str) -> tuple[str, str | None]:
+    for suffix, auto, pipeline in _AUTO_CLASSES:
+        if architecture.endswith(suffix):
+            return auto, pipeline
+    return "AutoModel", "feature-extraction"
+
+
+def card_facts(folder: str | Path) -> CardFacts:
+    """Collect the card's facts from the checkpoint in `folder` (its README, if any, is the source card)."""
+    folder = Path(folder)
+    qc = open_checkpoint(folder).qconfig
+    summary = inspect(folder)
+    readme = folder / "README.md"
+    source_card = split_source_card(readme.read_text(encoding="utf-8")) if readme.is_file() else SourceCard()
+    architecture = summary.architecture or "unknown"
+    auto_class, pipeline = _auto_class(architecture)
+    sentence_transformers = (folder / "modules.json").is_file()
+    if sentence_transformers and auto_class == "AutoModel":
+        pipeline = "sentence-similarity"
+    meta = source_card.metadata
+    source = qc.provenance.get("source") or {}
+    observers = sorted({m.get("observer") for m in (qc.statistics.get("modules") or {}).values()
+                        if isinstance(m, dict) and m.get("observer")})
+    return CardFacts(
+        architecture=architecture,
+        model_type=summary.model_type or "unknown",
+        auto_class=auto_class,
+        base_model=summary.base_model,
+        license=meta.get("license") if isinstance(meta.get("license"), str) else None,
+        pipeline_tag=meta.get("pipeline_tag") if isinstance(meta.get("pipeline_tag"), str) else pipeline,
+        format_version=qc.format_version,
+        default_scheme=qc.default_scheme,
+        schemes=dict(qc.schemes),
+        scheme_descriptions=summary.schemes,
+        overrides=summary.overrides,
+        observers=observers,
+        linear_modules=summary.linear_modules,
+        quantized_modules=summary.quantized_modules,
+        modules_per_scheme=summary.modules_per_scheme,
+        fallback=qc.fallback,
+        source_bytes=summary.source_bytes,
+        checkpoint_bytes=summary.checkpoint_bytes,
+        parameters=source.get("parameters") if isinstance(source.get("parameters"), int) else None,
+        mean_rel_error=summary.mean_rel_error,
+        max_rel_error=summary.max_rel_error,
+        command=str(qc.provenance.get("command") or ""),
+        qformat_version=str(qc.provenance.get("qformat_version") or ""),
+        environment=dict(qc.provenance.get("environment") or {}),
+        evaluation=list(qc.evaluation or []),
+        source_card=source_card,
+        sentence_transformers=sentence_transformers,
+    )

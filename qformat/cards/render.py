@@ -1,0 +1,173 @@
+"""Render a model card (README.md) for a qformat checkpoint from its facts, deterministically.
+
+The YAML metadata is built with huggingface_hub's `ModelCardData` (so the Hub reads it: `base_model` as a repo id,
+`base_model_relation: quantized`, `model-index` from recorded evaluations) and the body from the Jinja template
+`template.md.j2`. Nothing in the card comes from anywhere but the checkpoint: the same checkpoint gives the same bytes.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from qformat.cards.facts import MARKER, ORIGINAL_END, ORIGINAL_START, CardFacts, card_facts
+from qformat.checkpoint.inspect import _human
+
+__all__ = ["DEFAULT_REPO_ID", "card_metadata", "render_card", "write_card", "demote_headings"]
+
+#: What the usage snippet loads when no repo id is given (`qformat push` passes the real one).
+DEFAULT_REPO_ID = "path/to/this/checkpoint"
+
+_WORDS = {"int": "INT8", "float": "FP8"}
+
+
+def demote_headings(body: str, levels: int = 2) -> str:
+    """Push every Markdown heading (outside fenced code) `levels` deeper, so a carried card nests under ours."""
+    out, fenced = [], False
+    for line in body.splitlines():
+        if line.lstrip().startswith("```"):
+            fenced = not fenced
+        if not fenced and line.startswith("#"):
+            line = "#" * levels + line
+        out.append(line)
+    return "\n".join(out)
+
+
+def _tags(f: CardFacts) -> list[str]:
+    tags = ["qformat", "quantized"]
+    tags += [w.lower() for t, w in _WORDS.items() if t in f.weight_types]
+    tags += sorted(name.replace("+2:4", "") for name in f.schemes)
+    if f.sparse:
+        tags += ["2:4", "sparsity"]
+    return list(dict.fromkeys(tags))
+
+
+def card_metadata(f: CardFacts, repo_id: str = DEFAULT_REPO_ID) -> Any:  # -> huggingface_hub.ModelCardData
+    """The card's YAML metadata as a `ModelCardData`."""
+    from huggingface_hub import ModelCardData
+    from huggingface_hub.repocard_data import EvalResult
+
+    results = []
+    for r in f.evaluation:
+        try:
+            results.append(EvalResult(task_type=str(r["task"]), dataset_type=str(r["dataset"]),
+                                      dataset_name=str(r.get("dataset_name", r["dataset"])),
+                                      metric_type=str(r["metric"]), metric_value=float(r["quantized"])))
+        except (KeyError, TypeError, ValueError):
+            continue  # an entry without the fields model-index needs stays in the body table only
+    data: dict[str, Any] = {
+        "library_name": "transformers",
+        "tags": _tags(f),
+        "license": f.license,
+        "pipeline_tag": f.pipeline_tag,
+    }
+    if f.base_model:
+        data["base_model"] = f.base_model
+        data["base_model_relation"] = "quantized"
+    if results:
+        data["model_name"] = repo_id
+        data["eval_results"] = results
+    return ModelCardData(**{k: v for k, v in data.items() if v is not None})
+
+
+def _title(f: CardFacts) -> str:
+    words = "/".join(_WORDS[t] for t in sorted(f.weight_types))
+    name = f.base_model.split("/")[-1] if f.base_model else f.architecture
+    return f"{name} — {words}{' 2:4-sparse' if f.sparse else ''} (qformat)"
+
+
+def _optimizations(f: CardFacts) -> list[str]:
+    lines = []
+    for name, description in f.scheme_descriptions.items():
+        count = f.modules_per_scheme.get(name, 0)
+        lines.append(f"`{name}` on {count} module{'s' if count != 1 else ''}: {description}")
+    if f.overrides:
+        lines.append("per-module overrides: " + ", ".join(f"`{o}`" for o in f.overrides))
+    if f.observers:
+        lines.append("scales: " + ", ".join(
+            {"absmax": "absmax (max |w| / qmax per output channel)",
+             "mse": "MSE-optimal shrink of absmax per output channel (the Neural Magic FP8 recipe's observer)"}.get(o, o)
+            for o in f.observers))
+    lines.append("2:4 structured sparsity: two of every four weights kept, stored compressed with a bitmask"
+                 if f.sparse else "no sparsity")
+    return lines
+
+
+def _limitations(f: CardFacts) -> list[str]:
+    lines = ["Quantization changes the model's outputs slightly; the weight error above is measured, the effect on "
+             "accuracy is " + ("in the evaluation table" if f.evaluation else "not measured for this checkpoint")]
+    if "float" in f.weight_types:
+        lines.append("fp8 runs natively on CUDA GPUs with compute capability 8.9 or newer; elsewhere the weights stay "
+                     "fp8 in memory and are upcast per call, which is slow")
+    if f.sparse:
+        lines.append("2:4 sparsity was applied by magnitude pruning without retraining; it costs accuracy unless the "
+                     "source model was trained for it. CPUs decode it to the dense quantized weight at load")
+    if f.fallback:
+        lines.append(f"{len(f.fallback)} Linear module(s) stay in full precision (see the table), so the size gain is "
+                     "smaller than the weight dtype alone suggests")
+    lines.append("Needs qformat to load quantized; without it transformers does not know the quantization method")
+    return lines
+
+
+def _evaluation_rows(f: CardFacts) -> list[dict[str, str]]:
+    rows = []
+    for r in f.evaluation:
+        try:
+            baseline, quantized = float(r["baseline"]), float(r["quantized"])
+        except (KeyError, TypeError, ValueError):
+            continue
+        recovery = f"{100 * quantized / baseline:.1f} %" if baseline else "-"
+        rows.append({"task": str(r.get("task", "")), "dataset": str(r.get("dataset", "")),
+                     "metric": str(r.get("metric", "")), "baseline": f"{baseline:g}", "quantized": f"{quantized:g}",
+                     "recovery": recovery})
+    return rows
+
+
+def render_card(folder: str | Path, *, repo_id: str | None = None) -> str:
+    """The README.md text for the checkpoint in `folder` (`repo_id` goes into the usage snippet and model-index)."""
+    import jinja2
+
+    f = card_facts(folder)
+    repo = repo_id or DEFAULT_REPO_ID
+    template = resources.files("qformat.cards").joinpath("template.md.j2").read_text(encoding="utf-8")
+    env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True,
+                             undefined=jinja2.StrictUndefined, autoescape=False)
+    ratio = f"{f.ratio:.2f}x smaller" if f.ratio else "-"
+    error = (f"mean {f.mean_rel_error:.4g}, max {f.max_rel_error:.4g}" if f.mean_rel_error is not None
+             else "not recorded")
+    summary = (f"{'`' + f.base_model + '`' if f.base_model else 'This model'} with {f.quantized_modules} of its "
+               f"{f.linear_modules} Linear modules quantized to {'/'.join(_WORDS[t] for t in sorted(f.weight_types))} "
+               f"by qformat, stored as a qformat v{f.format_version} checkpoint.")
+    text = env.from_string(template).render(
+        card_data=card_metadata(f, repo).to_yaml(),
+        marker=MARKER,
+        title=_title(f),
+        summary=summary,
+        f=f,
+        base_model_link=f"[{f.base_model}](https://huggingface.co/{f.base_model})" if f.base_model else "not recorded",
+        optimizations=_optimizations(f),
+        source_size=_human(f.source_bytes),
+        quantized_size=_human(f.checkpoint_bytes),
+        ratio=ratio,
+        error_line=error,
+        evaluation_rows=_evaluation_rows(f),
+        repo_id=repo,
+        kernel_words="/".join(_WORDS[t] for t in sorted(f.weight_types)),
+        environment="".join(f", {name} {version}" for name, version in f.environment.items()),
+        limitations=_limitations(f),
+        original=demote_headings(f.source_card.body) if f.source_card.body else "",
+        original_start=ORIGINAL_START,
+        original_end=ORIGINAL_END,
+    )
+    return text
+
+
+def write_card(folder: str | Path, *, repo_id: str | None = None) -> Path:
+    """Write the rendered card to `folder`/README.md (replacing the source card, which it carries over)."""
+    path = Path(folder) / "README.md"
+    text = render_card(folder, repo_id=repo_id)
+    tmp = path.with_name(".README.md.qformat-tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+    return path

@@ -1,0 +1,150 @@
+"""`qformat push`: verify a checkpoint, attach its generated card, upload it to the Hub in one commit.
+
+The checkpoint folder is never modified: the card is rendered in memory and uploaded as README.md, unless the folder
+already has a README that passes `qformat card --check` (or the user says `--keep-card`). Everything goes in a single
+`create_commit` (`upload_folder` may split a large folder into several commits), so a push is atomic on the Hub; files
+the Hub already has with the same content are skipped by the client, so pushing an unchanged folder makes no commit.
+Remote files are never deleted unless `delete_extra` is given. The token is whatever huggingface_hub resolves
+(`token=`, HF_TOKEN, the stored login) and never appears in output or errors.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from qformat._version import __version__
+from qformat.cards import check_card, render_card
+from qformat.checkpoint.verify import verify
+from qformat.errors import FormatError, QFormatError
+
+__all__ = ["HubError", "PushResult", "push"]
+
+_ATTEMPTS = 3
+_SKIP_DIRS = {".git", ".cache", ".huggingface"}
+
+
+class HubError(QFormatError, RuntimeError):
+    """Talking to the Hub failed (authentication, permissions, missing revision, network)."""
+
+
+@dataclass(frozen=True)
+class PushResult:
+    """Where the checkpoint went. `commit` is None when the Hub already had every file (no commit was made)."""
+
+    url: str
+    repo_id: str
+    commit: str | None
+    card: str  # "generated" or "kept"
+
+
+def _explain(exc: BaseException, repo_id: str, revision: str | None, endpoint: str) -> HubError:
+    """One line that says what went wrong and what to do; never contains the token."""
+    from huggingface_hub.errors import (
+        HfHubHTTPError,
+        LocalTokenNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    if isinstance(exc, LocalTokenNotFoundError):
+        return HubError("not logged in to the Hub: run `hf auth login`, set HF_TOKEN, or pass --token")
+    if isinstance(exc, RevisionNotFoundError):
+        return HubError(f"branch {revision!r} does not exist in {repo_id}; create it first or leave out --revision")
+    status = getattr(getattr(exc, "response", None), "status_code", None)
+    if status == 401:
+        return HubError(f"the Hub rejected the credentials (401) for {repo_id}: log in again (`hf auth login`) or "
+                        "pass a valid --token")
+    if status == 403 or (isinstance(exc, RepositoryNotFoundError) and status in (None, 404)):
+        return HubError(f"you cannot write to {repo_id} ({status or 404}): it belongs to another user or organization "
+                        "you have no write access to, or your token is read-only; push to your own namespace")
+    if isinstance(exc, HfHubHTTPError):
+        message = (getattr(exc, "server_message", None) or str(exc)).splitlines()[0][:200]
+        return HubError(f"the Hub refused the push ({status}): {message}")
+    if _is_network_error(exc):
+        return HubError(f"cannot reach the Hub at {endpoint} ({type(exc).__name__}, tried {_ATTEMPTS} times); check "
+                        "your network or --endpoint and try again")
+    return HubError(f"the push to {repo_id} failed ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})")
+
+
+#: Transport-level failures (httpx / httpx2 class names): the request never got an HTTP answer.
+_NETWORK_ERRORS = {"TransportError", "NetworkError", "ConnectError", "ConnectTimeout", "ReadTimeout", "TimeoutException",
+                   "RemoteProtocolError", "ConnectionError"}
+
+
+def _is_network_error(exc: BaseException) -> bool:
+    from huggingface_hub.errors import HfHubHTTPError
+
+    if isinstance(exc, HfHubHTTPError):
+        return False  # the Hub answered; retrying will not change its answer
+    return isinstance(exc, ConnectionError) or bool({c.__name__ for c in type(exc).__mro__} & _NETWORK_ERRORS)
+
+
+def _retrying(call):
+    """Run `call()`, retrying network errors (not HTTP answers) with a short backoff."""
+    for attempt in range(_ATTEMPTS - 1):
+        try:
+            return call()
+        except Exception as exc:  # noqa: BLE001 - only network errors are retried
+            if not _is_network_error(exc):
+                raise
+            time.sleep(0.5 * 2**attempt)
+    return call()
+
+
+def _local_files(folder: Path) -> list[str]:
+    files = []
+    for path in sorted(folder.rglob("*")):
+        rel = path.relative_to(folder)
+        if path.is_file() and not any(part in _SKIP_DIRS for part in rel.parts):
+            files.append(rel.as_posix())
+    return files
+
+
+def push(folder: str | Path, repo_id: str, *, private: bool = False, revision: str | None = None,
+         commit_message: str | None = None, token: str | None = None, endpoint: str | None = None,
+         keep_card: bool = False, delete_extra: bool = False) -> PushResult:
+    """Upload the checkpoint in `folder` to the Hub repo `repo_id` (created if missing) in one commit.
+
+    Raises:
+        FormatError: the checkpoint fails `qformat verify` (nothing is uploaded).
+        HubError: authentication, permission, revision or network problems, each with what to do.
+    """
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
+    from huggingface_hub.errors import HFValidationError
+
+    folder = Path(folder)
+    try:
+        verify(folder)
+    except FormatError as exc:
+        raise FormatError(f"refusing to push a checkpoint that fails verification: {exc}") from None
+    readme = folder / "README.md"
+    if readme.is_file() and (keep_card or not check_card(folder)):
+        card, card_kind = readme.read_bytes(), "kept"
+    else:
+        card, card_kind = render_card(folder, repo_id=repo_id).encode("utf-8"), "generated"
+    api = HfApi(endpoint=endpoint, token=token, library_name="qformat", library_version=__version__)
+    target = api.endpoint
+    try:
+        url = _retrying(lambda: api.create_repo(repo_id, private=private, exist_ok=True))
+        before = _retrying(lambda: api.repo_info(repo_id, revision=revision).sha)
+        operations: list = [CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(folder / rel))
+                            for rel in _local_files(folder) if rel != "README.md"]
+        operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card))
+        if delete_extra:
+            local = {op.path_in_repo for op in operations}
+            remote = _retrying(lambda: api.list_repo_files(repo_id, revision=revision))
+            operations += [CommitOperationDelete(path_in_repo=p) for p in remote
+                           if p not in local and p != ".gitattributes"]
+        message = commit_message or f"Upload qformat checkpoint ({len(operations)} files)"
+        info = _retrying(lambda: api.create_commit(repo_id, operations, commit_message=message, revision=revision))
+    except HFValidationError as exc:
+        raise HubError(f"{repo_id!r} is not a valid repo id ({str(exc).splitlines()[0][:120]}); use owner/name") \
+            from None
+    except QFormatError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - every Hub failure becomes one line
+        raise _explain(exc, repo_id, revision, target) from None
+    commit = info.oid if info.oid != before else None
+    return PushResult(url=str(url), repo_id=repo_id, commit=commit, card=card_kind)
