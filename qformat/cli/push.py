@@ -24,7 +24,14 @@ def push_command(directory: str, repo_id: str, private: bool, revision: str | No
     """Upload the qformat checkpoint in DIRECTORY to the Hub repo REPO_ID (created if missing)."""
     install_signal_handlers()
     with reported_errors("the Hub keeps only completed commits; nothing partial was committed"):
+        import sys
+
+        from huggingface_hub.utils import disable_progress_bars
+
         from qformat.hub import push
+
+        if not sys.stderr.isatty():
+            disable_progress_bars()  # upload bars only where a person watches
 
         result = push(directory, repo_id, private=private, revision=revision, commit_message=commit_message,
                       token=token, endpoint=endpoint, keep_card=keep_card, delete_extra=delete_extra)

@@ -48,6 +48,10 @@ def _explain(exc: BaseException, repo_id: str, revision: str | None, endpoint: s
         RevisionNotFoundError,
     )
 
+    if isinstance(exc, ValueError) and "Invalid metadata in README.md" in str(exc):
+        details = [line.strip("- ").strip() for line in str(exc).splitlines()[1:] if line.strip()]
+        reason = f": {details[0]}" if details else ""
+        return HubError(f"the Hub refused the card's metadata{reason}; fix README.md or push without --keep-card")
     if isinstance(exc, LocalTokenNotFoundError):
         return HubError("not logged in to the Hub: run `hf auth login`, set HF_TOKEN, or pass --token")
     if isinstance(exc, RevisionNotFoundError):
@@ -124,6 +128,10 @@ def push(folder: str | Path, repo_id: str, *, private: bool = False, revision: s
         card, card_kind = readme.read_bytes(), "kept"
     else:
         card, card_kind = render_card(folder, repo_id=repo_id).encode("utf-8"), "generated"
+    from huggingface_hub import get_token
+
+    if token is None and get_token() is None:
+        raise HubError("not logged in to the Hub: run `hf auth login`, set HF_TOKEN, or pass --token")
     api = HfApi(endpoint=endpoint, token=token, library_name="qformat", library_version=__version__)
     target = api.endpoint
     try:
@@ -139,8 +147,8 @@ def push(folder: str | Path, repo_id: str, *, private: bool = False, revision: s
                            if p not in local and p != ".gitattributes"]
         message = commit_message or f"Upload qformat checkpoint ({len(operations)} files)"
         info = _retrying(lambda: api.create_commit(repo_id, operations, commit_message=message, revision=revision))
-    except HFValidationError as exc:
-        raise HubError(f"{repo_id!r} is not a valid repo id ({str(exc).splitlines()[0][:120]}); use owner/name") \
+    except HFValidationError:
+        raise HubError(f"{repo_id!r} is not a valid repo id; use owner/name (letters, digits, '-', '_', '.')") \
             from None
     except QFormatError:
         raise
