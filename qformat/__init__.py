@@ -41,6 +41,8 @@ __all__ = [
     "WriteError",
     "__version__",
     "convert",
+    "export_compressed_tensors",
+    "import_compressed_tensors",
     "inspect",
     "push",
     "verify",
@@ -52,6 +54,10 @@ def __getattr__(name: str):  # lazy: keep `import qformat` free of torch until a
         from qformat.converter import convert
 
         return convert
+    if name in ("export_compressed_tensors", "import_compressed_tensors"):
+        import qformat.export
+
+        return getattr(qformat.export, name)
     if name == "inspect":
         from qformat.checkpoint import inspect
 

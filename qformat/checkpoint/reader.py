@@ -45,6 +45,17 @@ class QFormatCheckpoint:
         found = self.tensors.get(name)
         return None if found is None else found[1]
 
+    def structure(self):  # -> qformat.converter.structure.ModelStructure
+        """The model's Linear modules (built on the meta device from config.json), with each quantized module's
+        dense shape; raises `UnsupportedModelError` where the installed transformers cannot build it."""
+        from qformat.converter.structure import analyze_structure
+
+        shapes = {name: entry.shape for name, (_, entry) in self.tensors.items()}
+        for module in self.quantized_modules:  # a 2:4 module stores no .weight: present the dense weight it means
+            if f"{module}.weight" not in shapes and f"{module}.shape" in shapes:
+                shapes[f"{module}.weight"] = tuple(int(v) for v in self.load(f"{module}.shape").reshape(-1).tolist())
+        return analyze_structure(self.folder, shapes, quantized=True)
+
     def load(self, name: str):  # -> torch.Tensor
         """Read one tensor (a copy) with safetensors itself."""
         from safetensors import safe_open

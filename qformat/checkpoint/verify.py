@@ -112,15 +112,10 @@ def _check_hashes(ckpt: QFormatCheckpoint) -> int:
 
 def _check_structure(ckpt: QFormatCheckpoint, quantized: list[str]) -> tuple[int | None, str]:
     """Build the model on meta: every Linear must be quantized or in the fallback list, and the list names Linears."""
-    from qformat.converter.structure import analyze_structure
     from qformat.errors import UnsupportedModelError
 
-    shapes = {name: entry.shape for name, (_, entry) in ckpt.tensors.items()}
-    for module in quantized:  # a 2:4 module stores no .weight; present it as the dense weight it stands for
-        if f"{module}.weight" not in shapes and f"{module}.shape" in shapes:
-            shapes[f"{module}.weight"] = tuple(int(v) for v in ckpt.load(f"{module}.shape").reshape(-1).tolist())
     try:
-        structure = analyze_structure(ckpt.folder, shapes, quantized=True)
+        structure = ckpt.structure()
     except UnsupportedModelError as exc:
         return None, f"model structure not checked: {exc}"
     fallback = ckpt.qconfig.fallback_modules

@@ -9,6 +9,8 @@ import click
 from qformat._version import __version__
 from qformat.cli.card import card_command
 from qformat.cli.convert import convert_command
+from qformat.cli.export import export_command
+from qformat.cli.import_ import import_command
 from qformat.cli.inspect import inspect_command
 from qformat.cli.push import push_command
 from qformat.cli.verify import verify_command
@@ -20,7 +22,7 @@ __all__ = ["cli", "main"]
 @click.version_option(__version__, prog_name="qformat")
 @click.option("-v", "--verbose", is_flag=True, help="Log what qformat does (to stderr).")
 def cli(verbose: bool) -> None:
-    """Quantized Hugging Face checkpoints: convert, inspect, verify, card, push."""
+    """Quantized Hugging Face checkpoints: convert, inspect, verify, card, push, export, import."""
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="qformat: %(message)s")
 
 
@@ -29,6 +31,8 @@ cli.add_command(inspect_command)
 cli.add_command(verify_command)
 cli.add_command(card_command)
 cli.add_command(push_command)
+cli.add_command(export_command)
+cli.add_command(import_command)
 
 
 def main() -> None:

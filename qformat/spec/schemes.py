@@ -18,6 +18,7 @@ __all__ = [
     "QuantArgs",
     "Scheme",
     "resolve_scheme_name",
+    "scheme_name_for",
     "scheme_names",
 ]
 
@@ -157,3 +158,16 @@ def resolve_scheme_name(name: str, *, sparsity: str | None = None) -> tuple[str,
         raise OptionError(f"unknown sparsity {sparse!r}; the only structured sparsity qformat supports is '2:4'")
     canonical = base + (_SPARSE_SUFFIX if sparse else "")
     return canonical, BUILTIN_SCHEMES[base].with_sparsity(sparse)
+
+
+def scheme_name_for(scheme: Scheme) -> str:
+    """A name for `scheme`: its built-in name where it is one (e.g. "fp8-dynamic+2:4"), else a descriptive one
+    in the same style ("w8a8-int8-static" for static per-tensor int8 activations, "fp8-static" for fp8)."""
+    dense = scheme.with_sparsity(None)
+    suffix = _SPARSE_SUFFIX if scheme.sparsity else ""
+    for name, builtin in BUILTIN_SCHEMES.items():
+        if builtin == dense:
+            return name + suffix
+    act = scheme.input_activations
+    assert act is not None and not act.dynamic  # every other combination is built in
+    return ("w8a8-int8-static" if scheme.weights.type == "int" else "fp8-static") + suffix

@@ -1,0 +1,6 @@
+"""Export to compressed-tensors (the layout vLLM serves) and import from it."""
+
+from qformat.export.compressed_tensors import ExportResult, export_compressed_tensors
+from qformat.export.ct_import import ImportResult, import_compressed_tensors
+
+__all__ = ["ExportResult", "ImportResult", "export_compressed_tensors", "import_compressed_tensors"]

@@ -1,0 +1,221 @@
+"""`qformat export DIR OUTPUT --to vllm`: a compressed-tensors checkpoint that vLLM loads unchanged.
+
+What changes (format-facts.md sections 1-3): the config becomes compressed-tensors' (one group per scheme, modules
+named explicitly, `ignore` = the fallback list, `sparsity_config: {}`); weight-only int8 modules are repacked as
+`weight_packed` + `weight_shape` (vLLM runs int8 weight-only only as `pack-quantized`); 2:4 modules are written dense
+(vLLM and compressed-tensors dropped 2:4; the card says so). Every other tensor is the same bytes under the same name,
+so a shard with nothing to change is hard-linked (or reflinked, or copied where neither is possible) instead of being
+rewritten. vLLM's constraints are checked first and violations refused with the modules named: a fused group
+(q/k/v, gate/up) whose members differ, and a quantized output embedding (vLLM never quantizes `ParallelLMHead`).
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qformat._version import __version__
+from qformat.checkpoint.reader import QFormatCheckpoint, open_checkpoint
+from qformat.checkpoint.verify import verify
+from qformat.converter.files import copy_support_files
+from qformat.errors import FormatError, OptionError
+from qformat.export.ct_config import ct_format, ct_quantization_config
+from qformat.export.packing import pack_int8
+from qformat.io.atomic import atomic_output_dir, check_output_location
+from qformat.io.safetensors_format import layout_file
+from qformat.io.source import SAFETENSORS_CODES
+from qformat.io.writer import ShardWriter, write_error
+from qformat.quantize.sparse24 import decompress_2_4
+from qformat.spec.fused import fused_groups_for, group_modules
+from qformat.spec.layout import TensorSpec
+from qformat.spec.schemes import Scheme
+
+__all__ = ["ExportResult", "export_compressed_tensors"]
+
+_INDEX = "model.safetensors.index.json"
+_SHARD_METADATA = {"format": "pt"}
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """What an export wrote: how many modules were repacked or densified, and how each shard got there."""
+
+    output: Path
+    groups: dict[str, str]  # group name -> compressed-tensors format
+    repacked: list[str]  # weight-only int8 modules now pack-quantized
+    densified: list[str]  # 2:4 modules written dense
+    shards: dict[str, str]  # file -> "linked" | "reflinked" | "copied" | "rewritten"
+
+
+def _dense(scheme: Scheme) -> Scheme:
+    return scheme.with_sparsity(None)
+
+
+def _check_vllm(ckpt: QFormatCheckpoint, schemes: dict[str, Scheme]) -> None:
+    structure = ckpt.structure()
+    for name, module in structure.linears.items():
+        if module.output_embedding and name in schemes:
+            raise OptionError(f"{name} (the output embedding) is quantized, but vLLM never quantizes its lm_head; "
+                              "convert again keeping it in full precision (qformat's default) to export for vLLM")
+    fallback = ckpt.qconfig.fallback_modules
+    for group in group_modules(list(structure.linears), fused_groups_for(structure.model_type)):
+        kinds = {m: ("full precision" if m in fallback else ct_format(_dense(schemes[m])) + " " +
+                     json.dumps(_dense(schemes[m]).to_dict(), sort_keys=True)) for m in group}
+        if len(set(kinds.values())) > 1:
+            listing = ", ".join(f"{m} ({k.split(' {')[0]})" for m, k in kinds.items())
+            raise OptionError(f"vLLM runs {', '.join(group)} as one fused matrix, so they need one scheme, but the "
+                              f"checkpoint has {listing}; convert again with one scheme for the whole group")
+
+
+def _link_or_copy(src: Path, dst: Path) -> str:
+    try:
+        os.link(src, dst)
+        return "linked"
+    except OSError:
+        pass
+    try:  # a copy-on-write clone where the filesystem has them (btrfs, xfs): no bytes duplicated
+        import fcntl
+
+        with open(src, "rb") as fin, open(dst, "wb") as fout:
+            fcntl.ioctl(fout.fileno(), 0x40049409, fin.fileno())  # FICLONE
+        return "reflinked"
+    except (OSError, ImportError):
+        pass
+    try:
+        shutil.copyfile(src, dst)
+    except OSError as exc:
+        raise write_error(dst, exc) from None
+    return "copied"
+
+
+def _module_outputs(ckpt: QFormatCheckpoint, module: str, scheme: Scheme) -> dict[str, torch.Tensor]:
+    """The export's tensors for a module that changes (2:4 -> dense, weight-only int8 -> packed)."""
+    if scheme.sparsity is not None:
+        in_f = int(ckpt.load(f"{module}.shape").reshape(-1)[1])
+        values = decompress_2_4(ckpt.load(f"{module}.compressed"), ckpt.load(f"{module}.bitmask"), in_f)
+    else:
+        values = ckpt.load(f"{module}.weight")
+    tensors: dict[str, torch.Tensor] = {}
+    if scheme.weights.type == "int" and scheme.input_activations is None:
+        tensors[f"{module}.weight_packed"] = pack_int8(values)
+        tensors[f"{module}.weight_shape"] = torch.tensor(list(values.shape), dtype=torch.int64)
+    else:
+        tensors[f"{module}.weight"] = values
+    return tensors
+
+
+_REPLACED = ("weight", "compressed", "bitmask", "shape")
+
+
+def _write_shard(ckpt: QFormatCheckpoint, file: str, target: Path, changed: dict[str, Scheme]) -> list[str]:
+    """Rewrite one shard: changed modules' new tensors, every other tensor's bytes as they are."""
+    entries = [entry for f, entry in ckpt.tensors.values() if f == file]
+    new: dict[str, torch.Tensor] = {}
+    keep = []
+    for entry in entries:
+        module, _, suffix = entry.name.rpartition(".")
+        if module in changed and suffix in _REPLACED:
+            continue
+        keep.append(entry)
+    for module, scheme in changed.items():
+        new.update(_module_outputs(ckpt, module, scheme))
+    specs = [TensorSpec(e.name, e.dtype, e.shape) for e in keep]
+    specs += [TensorSpec(name, SAFETENSORS_CODES[t.dtype], tuple(t.shape)) for name, t in new.items()]
+    writer = ShardWriter(target, layout_file(specs, _SHARD_METADATA))
+    try:
+        with open(ckpt.folder / file, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            for entry in keep:
+                sink = writer.sink(entry.name)
+                sink.write(memoryview(mm)[entry.start : entry.end])
+                sink.finish()
+        for name, tensor in new.items():
+            sink = writer.sink(name)
+            sink.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
+            sink.finish()
+        writer.close()
+    finally:
+        writer.abort()
+    return [s.name for s in specs]
+
+
+def _refuse_compressed_tensors(folder: Path) -> None:
+    try:
+        method = json.loads((folder / "config.json").read_text(encoding="utf-8"))["quantization_config"]["quant_method"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # verify() names the problem
+    if method == "compressed-tensors":
+        raise FormatError(f"{folder} is already a compressed-tensors checkpoint (vLLM serves it as it is); "
+                          "`qformat import` turns it into a qformat one")
+
+
+def export_compressed_tensors(folder: str | os.PathLike[str], output: str | os.PathLike[str], *,
+                              overwrite: bool = False) -> ExportResult:
+    """Write a compressed-tensors (vLLM) checkpoint of the qformat checkpoint in `folder` to `output`.
+
+    Raises:
+        FormatError: `folder` fails `qformat verify`.
+        OptionError: the checkpoint has something vLLM cannot serve (named in the message).
+    """
+    from qformat.cards.export import render_export_card
+
+    folder, out = Path(folder), Path(output)
+    _refuse_compressed_tensors(folder)
+    try:
+        verify(folder)
+    except FormatError as exc:
+        raise FormatError(f"refusing to export a checkpoint that fails verification: {exc}") from None
+    check_output_location(out, source=folder, overwrite=overwrite)
+    ckpt = open_checkpoint(folder)
+    qc = ckpt.qconfig
+    schemes = {m: resolved[1] for m in ckpt.quantized_modules if (resolved := qc.scheme_for(m)) is not None}
+    _check_vllm(ckpt, schemes)
+    groups: dict[str, tuple[Scheme, list[str]]] = {}
+    for module, scheme in schemes.items():
+        dense = _dense(scheme)
+        groups.setdefault(json.dumps(dense.to_dict(), sort_keys=True), (dense, []))[1].append(module)
+    ordered = sorted(groups.values(), key=lambda g: (-len(g[1]), ct_format(g[0])))
+    changed = {m: s for m, s in schemes.items()
+               if s.sparsity is not None or (s.weights.type == "int" and s.input_activations is None)}
+    densified = sorted(m for m, s in changed.items() if s.sparsity is not None)
+    note: dict[str, Any] = {"exported_by": f"qformat {__version__}", "format_version": qc.format_version,
+                            "base_model": (qc.provenance.get("source") or {}).get("base_model"),
+                            "sparse_2_4_written_dense": densified,
+                            "fallback": [e.to_dict() for e in qc.fallback]}
+    quant_config = ct_quantization_config([(s, mods) for s, mods in ordered], [e.module for e in qc.fallback], note)
+    shards: dict[str, str] = {}
+    weight_map: dict[str, str] = {}
+    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+        copy_support_files(folder, tmp)
+        for file in ckpt.files:
+            in_file = {m: s for m, s in changed.items() if ckpt.tensors[f"{m}.weight_scale"][0] == file}
+            if in_file:
+                names = _write_shard(ckpt, file, tmp / file, in_file)
+                shards[file] = "rewritten"
+            else:
+                shards[file] = _link_or_copy(ckpt.folder / file, tmp / file)
+                names = [n for n, (f, _) in ckpt.tensors.items() if f == file]
+            weight_map.update(dict.fromkeys(names, file))
+        if ckpt.index is not None:
+            total = sum((tmp / f).stat().st_size for f in ckpt.files)
+            _write(tmp / _INDEX, {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))})
+        config = dict(ckpt.config)
+        config["quantization_config"] = quant_config
+        _write(tmp / "config.json", config)
+        (tmp / "README.md").write_text(render_export_card(folder, quant_config, densified), encoding="utf-8")
+    repacked = sorted(m for m, s in changed.items() if s.weights.type == "int" and s.input_activations is None)
+    return ExportResult(out, {g: c["format"] for g, c in quant_config["config_groups"].items()}, repacked, densified,
+                        shards)
+
+
+def _write(path: Path, data: dict[str, Any]) -> None:
+    try:
+        path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    except OSError as exc:
+        raise write_error(path, exc) from None

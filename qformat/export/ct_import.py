@@ -1,0 +1,243 @@
+"""`qformat import SOURCE OUTPUT`: a compressed-tensors checkpoint (folder or Hub repo) as a qformat checkpoint.
+
+Most tensors keep their bytes: compressed-tensors' `int-quantized`, `float-quantized` and `naive-quantized` formats
+store 8-bit weights under the names qformat uses. What changes: `pack-quantized` int32 words are unpacked to int8;
+scales become float32 `[out, 1]` (bf16/fp16 widen exactly, a per-tensor scale is repeated per channel); zero points
+of symmetric schemes (all zero) are dropped; 2:4 modules (the legacy `sparse-24-bitmask` layout, or dense weights
+that follow the pattern) are stored compressed so qformat's 2:4 kernels run them again. The plan (`ct_plan`) decides
+and refuses first; then each source shard becomes one output shard, streamed tensor by tensor, and the result is
+verified before it is renamed into place.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shlex
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qformat._version import __version__
+from qformat.converter.files import copy_support_files
+from qformat.converter.source import resolve_source
+from qformat.errors import FormatError
+from qformat.export.ct_plan import ImportPlan, ModulePlan, plan_import
+from qformat.export.packing import unpack_int8
+from qformat.io.atomic import atomic_output_dir, check_output_location
+from qformat.io.safetensors_format import layout_file
+from qformat.io.source import SAFETENSORS_CODES, SourceCheckpoint, TensorReader
+from qformat.io.writer import ShardWriter, write_error
+from qformat.quantize.sparse24 import decompress_2_4, select_2_4
+from qformat.spec.config import QFormatConfig
+from qformat.spec.fused import fused_groups_for
+from qformat.spec.layout import TensorSpec, module_tensors
+from qformat.spec.schemes import scheme_name_for
+
+__all__ = ["ImportResult", "import_compressed_tensors"]
+
+logger = logging.getLogger(__name__)
+
+_INDEX = "model.safetensors.index.json"
+_SHARD_METADATA = {"format": "pt"}
+
+
+@dataclass(frozen=True)
+class ImportResult:
+    """What an import wrote."""
+
+    output: Path
+    quantized_modules: int
+    fallback_modules: int
+    schemes: dict[str, int]  # scheme name -> modules
+    sparse_modules: list[str]  # modules stored 2:4 compressed
+    checkpoint_bytes: int
+
+
+def _dense_values(plan: ModulePlan, ckpt: SourceCheckpoint, reader: TensorReader) -> torch.Tensor:
+    t = ckpt.tensors
+    name, shape = plan.name, (plan.out_features, plan.in_features)
+    if plan.stored == "dense":
+        return reader.tensor(t[f"{name}.weight"])
+    if plan.stored == "packed":
+        return unpack_int8(reader.tensor(t[f"{name}.weight_packed"]), shape)
+    return decompress_2_4(reader.tensor(t[f"{name}.compressed"]), reader.tensor(t[f"{name}.bitmask"]),
+                          plan.in_features)
+
+
+def _module_data(plan: ModulePlan, ckpt: SourceCheckpoint, reader: TensorReader) -> dict[str, Any]:
+    """The module's output tensors: torch tensors, or memoryviews of source bytes that are kept as they are."""
+    t = ckpt.tensors
+    name = plan.name
+    data: dict[str, Any] = {}
+    if plan.sparse and plan.stored == "bitmask":
+        data[f"{name}.compressed"] = reader.raw(t[f"{name}.compressed"])
+        data[f"{name}.bitmask"] = reader.raw(t[f"{name}.bitmask"])
+    elif plan.sparse:
+        values = _dense_values(plan, ckpt, reader)
+        # select on float magnitudes: int8 abs() overflows at -128; fp8 and int8 values convert to float32 exactly
+        kept, bitmask, _ = select_2_4(values.to(torch.float32))
+        data[f"{name}.compressed"] = kept.to(values.dtype)
+        data[f"{name}.bitmask"] = bitmask
+    elif plan.stored == "dense":
+        data[f"{name}.weight"] = reader.raw(t[f"{name}.weight"])
+    else:
+        data[f"{name}.weight"] = _dense_values(plan, ckpt, reader)
+    if plan.sparse:
+        data[f"{name}.shape"] = torch.tensor([[plan.out_features], [plan.in_features]], dtype=torch.int64)
+    scale = reader.tensor(t[f"{name}.weight_scale"]).to(torch.float32).reshape(-1, 1)
+    data[f"{name}.weight_scale"] = scale.expand(plan.out_features, 1).contiguous()
+    if plan.scheme.has_static_input_scale:
+        data[f"{name}.input_scale"] = reader.tensor(t[f"{name}.input_scale"]).to(torch.float32).reshape(1)
+    return data
+
+
+def _bytes(value: Any) -> memoryview:
+    if isinstance(value, memoryview):
+        return value
+    flat = value.contiguous().reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
+
+
+def _write_shards(plan: ImportPlan, ckpt: SourceCheckpoint, reader: TensorReader,
+                  folder: Path) -> tuple[dict[str, str], dict[str, str]]:
+    """Write one output shard per source shard; return (tensor -> content hash, tensor -> file)."""
+    replaced = {name for m in plan.modules.values() for name in m.source_tensors}
+    home = {m.name: ckpt.tensors[f"{m.name}.weight_scale"].file for m in plan.modules.values()}
+    hashes: dict[str, str] = {}
+    weight_map: dict[str, str] = {}
+    for file in ckpt.files:
+        kept = [t for t in ckpt.tensors.values() if t.file == file and t.name not in replaced]
+        modules = [m for m in plan.modules.values() if home[m.name] == file]
+        specs = [TensorSpec(t.name, t.dtype, t.shape) for t in kept]
+        for m in modules:
+            specs += module_tensors(m.name, m.scheme, m.out_features, m.in_features)
+        writer = ShardWriter(folder / file, layout_file(specs, _SHARD_METADATA))
+        try:
+            for t in kept:
+                sink = writer.sink(t.name)
+                sink.write(reader.raw(t))
+                hashes[t.name] = sink.finish()
+                reader.release(t)
+            for m in modules:
+                for name, value in _module_data(m, ckpt, reader).items():
+                    entry = writer.layout.entries[name]
+                    got = (value.nbytes if isinstance(value, memoryview) else value.numel() * value.element_size())
+                    if got != entry.nbytes or (not isinstance(value, memoryview)
+                                               and SAFETENSORS_CODES[value.dtype] != entry.dtype):
+                        raise FormatError(f"{name} does not have the shape qformat stores it with "
+                                          f"({entry.dtype} {list(entry.shape)}); the source is inconsistent")
+                    sink = writer.sink(name)
+                    sink.write(_bytes(value))
+                    hashes[name] = sink.finish()
+            writer.close(sync=True)
+        finally:
+            writer.abort()
+        weight_map.update(dict.fromkeys((s.name for s in specs), file))
+    return hashes, weight_map
+
+
+def _parameters(plan: ImportPlan, ckpt: SourceCheckpoint) -> int:
+    replaced = {name for m in plan.modules.values() for name in m.source_tensors}
+    total = sum(m.out_features * m.in_features for m in plan.modules.values())
+    for t in ckpt.tensors.values():
+        if t.name not in replaced:
+            n = 1
+            for d in t.shape:
+                n *= d
+            total += n
+    return total
+
+
+def _qformat_config(plan: ImportPlan, ckpt: SourceCheckpoint, repo_id: str | None, revision: str | None,
+                    base_model: str | None, hashes: dict[str, str], nbytes: int) -> QFormatConfig:
+    import safetensors
+    import transformers
+
+    names = {m: scheme_name_for(p.scheme) for m, p in plan.modules.items()}
+    counts = Counter(names.values())
+    default = counts.most_common(1)[0][0]
+    schemes = {scheme_name_for(p.scheme): p.scheme for p in plan.modules.values()}
+    command = ["qformat", "import", repo_id or base_model or "SOURCE", "OUTPUT"]
+    if revision:
+        command += ["--revision", revision]
+    if base_model and base_model != repo_id:
+        command += ["--base-model", base_model]
+    provenance = {
+        "qformat_version": __version__,
+        "environment": {"torch": torch.__version__, "transformers": transformers.__version__,
+                        "safetensors": safetensors.__version__},
+        "source": {"repo_id": repo_id, "revision": revision, "base_model": base_model, "format": ckpt.format,
+                   "parameters": _parameters(plan, ckpt), "bytes": None},
+        "options": {"import": True, "revision": revision, "base_model": base_model},
+        "command": shlex.join(command),
+        "imported_from": dict(plan.record, bytes=ckpt.nbytes),
+        "tensor_hashes": dict(sorted(hashes.items())),
+    }
+    # rel_error is unknown: the full-precision weights were never in the source
+    statistics = {"linear_modules": len(plan.structure.linears), "quantized_modules": len(plan.modules),
+                  "checkpoint_bytes": nbytes,
+                  "modules": {m: {"scheme": names[m], "observer": None, "rel_error": None} for m in plan.modules}}
+    config = QFormatConfig(schemes=schemes, default_scheme=default,
+                           overrides=tuple((m, n) for m, n in names.items() if n != default),
+                           fallback=plan.fallback, fused_groups=fused_groups_for(plan.structure.model_type),
+                           provenance=provenance, statistics=statistics)
+    for module, name in names.items():  # the config must say exactly what the plan decided
+        assert config.scheme_for(module) == (name, plan.modules[module].scheme), module
+    return config
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    try:
+        path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    except OSError as exc:
+        raise write_error(path, exc) from None
+
+
+def import_compressed_tensors(source: str | os.PathLike[str], output: str | os.PathLike[str], *,
+                              revision: str | None = None, base_model: str | None = None,
+                              overwrite: bool = False) -> ImportResult:
+    """Write the compressed-tensors checkpoint `source` (a folder or Hub repo id) as a qformat checkpoint.
+
+    Raises:
+        SourceError: SOURCE cannot be found or downloaded.
+        FormatError: SOURCE is not a (consistent) compressed-tensors checkpoint.
+        OptionError: SOURCE uses something qformat v1 cannot represent; the message names the module and feature.
+    """
+    from qformat.checkpoint.verify import verify
+
+    out = Path(output)
+    local = Path(source).expanduser()
+    check_output_location(out, source=local if local.exists() else None, overwrite=overwrite)
+    src = resolve_source(source, revision=revision)
+    check_output_location(out, source=src.path, overwrite=overwrite)
+    ckpt = SourceCheckpoint(src.path)
+    with ckpt.reader() as reader:
+        plan = plan_import(src.path, ckpt, reader)
+        base = base_model or plan.note.get("base_model") or src.repo_id
+        with atomic_output_dir(out, overwrite=overwrite) as tmp:
+            copy_support_files(src.path, tmp)
+            hashes, weight_map = _write_shards(plan, ckpt, reader, tmp)
+            nbytes = sum((tmp / f).stat().st_size for f in ckpt.files)
+            if ckpt.index_file is not None:
+                _write_json(tmp / _INDEX, {"metadata": {"total_size": nbytes},
+                                           "weight_map": dict(sorted(weight_map.items()))})
+            config = dict(plan.config)
+            config.pop("compression_config", None)
+            config.pop("sparsity_config", None)
+            qconfig = _qformat_config(plan, ckpt, src.repo_id, src.revision, base, hashes, nbytes)
+            config["quantization_config"] = qconfig.to_dict()
+            _write_json(tmp / "config.json", config)
+            try:
+                verify(tmp, check_hashes=False)
+            except FormatError as exc:
+                raise FormatError(f"the imported checkpoint does not verify ({exc}); the source is inconsistent "
+                                  "or this is a qformat bug (please report it)") from None
+    logger.info("wrote %s", out)
+    sparse = sorted(m for m, p in plan.modules.items() if p.sparse)
+    counts = Counter(scheme_name_for(p.scheme) for p in plan.modules.values())
+    return ImportResult(out, len(plan.modules), len(plan.fallback), dict(counts.most_common()), sparse, nbytes)
