@@ -30,10 +30,10 @@ def hub(tmp_path_factory):
 @pytest.fixture(autouse=True)
 def online(monkeypatch):
     """In-process client calls: online, classic LFS (huggingface_hub reads these constants at every call)."""
-    import huggingface_hub
+    from huggingface_hub import constants
 
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_XET", True)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
 
 
 @pytest.fixture(scope="module")
@@ -242,6 +242,30 @@ def test_convert_downloads_a_pinned_revision_from_the_hub(hub, tiny_models, tmp_
     assert not (tmp_path / "out" / "NOTES.md").exists()  # the pinned revision, not main
     assert qformat.verify(tmp_path / "out").linear_modules == 15
     missing = run(["convert", "alice/does-not-exist", str(tmp_path / "out2")], env)
+    one_line_failure(missing, "neither a local folder nor a Hub repo you can read")
+
+
+def test_import_a_compressed_tensors_repo_from_the_hub(hub, tmp_path):
+    """`qformat import owner/name`: downloaded with huggingface_hub at a pinned revision, provenance recorded."""
+    from huggingface_hub import HfApi
+
+    from qformat.testing.ct_checkpoints import save_ct_checkpoint
+
+    source = save_ct_checkpoint(tmp_path / "ct", {"group_0": ("FP8_DYNAMIC", ["Linear"])})
+    api = HfApi(endpoint=hub.url, token="tok-alice")
+    api.create_repo("alice/tiny-fp8-ct", exist_ok=True)
+    first = api.upload_folder(repo_id="alice/tiny-fp8-ct", folder_path=str(source), commit_message="v1")
+    api.upload_file(repo_id="alice/tiny-fp8-ct", path_or_fileobj=b"# later\n", path_in_repo="NOTES.md")
+    env = hub_env(hub, tmp_path, token="tok-alice")
+    done = run(["import", "alice/tiny-fp8-ct", str(tmp_path / "out"), "--revision", first.oid], env)
+    assert done.returncode == 0, done.stderr
+    assert "fp8-dynamic" in done.stdout and "base model        alice/tiny-fp8-ct" in done.stdout
+    provenance = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]["provenance"]
+    assert (provenance["source"]["repo_id"], provenance["source"]["revision"]) == ("alice/tiny-fp8-ct", first.oid)
+    assert provenance["command"] == f"qformat import alice/tiny-fp8-ct OUTPUT --revision {first.oid}"
+    assert not (tmp_path / "out" / "NOTES.md").exists()
+    assert qformat.verify(tmp_path / "out").quantized_modules == 14
+    missing = run(["import", "alice/not-there", str(tmp_path / "out2")], env)
     one_line_failure(missing, "neither a local folder nor a Hub repo you can read")
 
 
