@@ -70,6 +70,7 @@ class CardFacts:
     evaluation: list[dict[str, Any]]
     source_card: SourceCard
     sentence_transformers: bool
+    imported_from: str | None = None  # the source format of a `qformat import`, e.g. "compressed-tensors"
 
     @property
     def weight_types(self) -> set[str]:
@@ -168,4 +169,5 @@ def card_facts(folder: str | Path) -> CardFacts:
         evaluation=list(qc.evaluation or []),
         source_card=source_card,
         sentence_transformers=sentence_transformers,
+        imported_from=(qc.provenance.get("imported_from") or {}).get("format"),
     )

@@ -95,12 +95,16 @@ def _optimizations(f: CardFacts) -> list[str]:
 
 
 def _limitations(f: CardFacts) -> list[str]:
-    lines = ["Quantization changes the model's outputs slightly; the weight error above is measured, the effect on "
-             "accuracy is " + ("in the evaluation table" if f.evaluation else "not measured for this checkpoint")]
+    measured = "the weight error above is measured, " if f.mean_rel_error is not None else ""
+    lines = [f"Quantization changes the model's outputs slightly; {measured}the effect on accuracy is "
+             + ("in the evaluation table" if f.evaluation else "not measured for this checkpoint")]
     if "float" in f.weight_types:
         lines.append("fp8 runs natively on CUDA GPUs with compute capability 8.9 or newer; elsewhere the weights stay "
                      "fp8 in memory and are upcast per call, which is slow")
-    if f.sparse:
+    if f.sparse and f.imported_from:
+        lines.append(f"the 2:4 sparsity comes from the imported {f.imported_from} checkpoint, as it was stored there. "
+                     "CPUs decode it to the dense quantized weight at load")
+    elif f.sparse:
         lines.append("2:4 sparsity was applied by magnitude pruning without retraining; it costs accuracy unless the "
                      "source model was trained for it. CPUs decode it to the dense quantized weight at load")
     if f.fallback:
@@ -134,8 +138,13 @@ def render_card(folder: str | Path, *, repo_id: str | None = None) -> str:
     env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True,
                              undefined=jinja2.StrictUndefined, autoescape=False)
     ratio = f"{f.ratio:.2f}x smaller" if f.ratio else "-"
-    error = (f"mean {f.mean_rel_error:.4g}, max {f.max_rel_error:.4g}" if f.mean_rel_error is not None
-             else "not recorded")
+    if f.mean_rel_error is not None:
+        error = f"mean {f.mean_rel_error:.4g}, max {f.max_rel_error:.4g}"
+    elif f.imported_from:
+        error = (f"not measured: this checkpoint was imported from a {f.imported_from} checkpoint, without the "
+                 "full-precision weights to compare against")
+    else:
+        error = "not recorded"
     summary = (f"{'`' + f.base_model + '`' if f.base_model else 'This model'} with {f.quantized_modules} of its "
                f"{f.linear_modules} Linear modules quantized to {'/'.join(_WORDS[t] for t in sorted(f.weight_types))} "
                f"by qformat, stored as a qformat v{f.format_version} checkpoint.")
@@ -151,6 +160,7 @@ def render_card(folder: str | Path, *, repo_id: str | None = None) -> str:
         quantized_size=_human(f.checkpoint_bytes),
         ratio=ratio,
         error_line=error,
+        error_measured=f.mean_rel_error is not None,
         evaluation_rows=_evaluation_rows(f),
         repo_id=repo,
         kernel_words="/".join(_WORDS[t] for t in sorted(f.weight_types)),

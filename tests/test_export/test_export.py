@@ -164,6 +164,8 @@ def test_mixed_precision_export_is_one_group_per_scheme(tiny_models, tmp_path, j
     theirs = judge.ct_dequantized(tmp_path / "out")
     for name, tensor in dequantized_state_dict(source).items():
         assert torch.equal(theirs[name], tensor), name
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "mixes 3 schemes" in card and "from_pretrained" not in card  # no snippet that would load it wrongly
 
 
 def test_export_card_is_the_vllm_flavour(exported):

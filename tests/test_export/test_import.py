@@ -288,3 +288,15 @@ def test_an_interrupted_import_leaves_nothing(ct_checkpoint, tmp_path, monkeypat
     with pytest.raises(KeyboardInterrupt):
         qformat.import_compressed_tensors(ct_checkpoint("W8A8"), tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_card_of_an_import_claims_no_weight_error(imported, tmp_path):
+    from qformat.cards import check_card, render_card
+
+    folder = tmp_path / "ckpt"
+    shutil.copytree(imported("FP8-static"), folder)
+    card = render_card(folder)
+    assert "imported from a compressed-tensors checkpoint" in card and "only measured figure" not in card
+    assert "qformat import SOURCE OUTPUT" in card and "fp8-static" in card
+    (folder / "README.md").write_text(card)
+    assert check_card(folder) == []
