@@ -1,6 +1,6 @@
 """Activation quantization: dynamic per-token (one scale per row of the input) or static per-tensor.
 
-The arithmetic is the spec's (docs/FORMAT.md section 13), in fp32: s = max|x| / qmax per row (1.0 for a row of
+The arithmetic is the spec's (docs/FORMAT.md section 14), in fp32: s = max|x| / qmax per row (1.0 for a row of
 zeros), q = round_half_even(x / s) clamped to [-127, 127] for int8, or e4m3fn(clamp(x / s, -448, 448)) for fp8.
 """
 

@@ -59,7 +59,7 @@ def _spec(folder: Path) -> QFormatConfig:
 
 def reference_model(cls, folder: Path, **kwargs) -> nn.Module:
     """The checkpoint's dequantized weights in plain nn.Linear layers, with each module's activations fake-quantized
-    exactly as its scheme says (docs/FORMAT.md section 13)."""
+    exactly as its scheme says (docs/FORMAT.md section 14)."""
     model = cls.from_pretrained(folder, quantization_config=QFormatQuantizationConfig(dequantize=True), **kwargs)
     spec = _spec(folder)
     stored = set(open_checkpoint(folder).quantized_modules)
