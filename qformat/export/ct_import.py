@@ -32,7 +32,7 @@ from qformat.io.atomic import atomic_output_dir, check_output_location
 from qformat.io.safetensors_format import layout_file
 from qformat.io.source import SAFETENSORS_CODES, SourceCheckpoint, TensorReader
 from qformat.io.writer import ShardWriter, write_error
-from qformat.quantize.sparse24 import decompress_2_4, select_2_4
+from qformat.quantize.sparse24 import compress_2_4, decompress_2_4
 from qformat.spec.config import QFormatConfig
 from qformat.spec.fused import fused_groups_for
 from qformat.spec.layout import TensorSpec, module_tensors
@@ -78,11 +78,8 @@ def _module_data(plan: ModulePlan, ckpt: SourceCheckpoint, reader: TensorReader)
         data[f"{name}.compressed"] = reader.raw(t[f"{name}.compressed"])
         data[f"{name}.bitmask"] = reader.raw(t[f"{name}.bitmask"])
     elif plan.sparse:
-        values = _dense_values(plan, ckpt, reader)
-        # select on float magnitudes: int8 abs() overflows at -128; fp8 and int8 values convert to float32 exactly
-        kept, bitmask, _ = select_2_4(values.to(torch.float32))
-        data[f"{name}.compressed"] = kept.to(values.dtype)
-        data[f"{name}.bitmask"] = bitmask
+        # the plan saw these values follow 2:4: compress by their nonzeros, as select_2_4 would
+        data[f"{name}.compressed"], data[f"{name}.bitmask"] = compress_2_4(_dense_values(plan, ckpt, reader))
     elif plan.stored == "dense":
         data[f"{name}.weight"] = reader.raw(t[f"{name}.weight"])
     else:

@@ -26,6 +26,7 @@ from qformat.errors import FormatError, OptionError
 from qformat.export.ct_config import scheme_from_ct
 from qformat.export.packing import unpack_int8
 from qformat.io.source import SourceCheckpoint, SourceTensor, TensorReader
+from qformat.quantize.sparse24 import follows_2_4
 from qformat.spec.config import FallbackEntry
 from qformat.spec.fused import fused_groups_for, group_modules
 from qformat.spec.layout import shape_problem
@@ -199,15 +200,6 @@ def _values(plan_stored: str, parts: dict[str, SourceTensor], shape: tuple[int, 
     if plan_stored == "packed":
         return unpack_int8(reader.tensor(parts["weight_packed"]), shape)
     return None
-
-
-def follows_2_4(values: torch.Tensor) -> bool:
-    """True if every group of 4 consecutive values along the input dimension holds at most two nonzeros."""
-    rows, cols = values.shape
-    if cols % 4:
-        return False
-    raw = values.view(torch.uint8) & 0x7F if values.dtype == torch.float8_e4m3fn else values  # +-0.0 are zero
-    return bool(((raw != 0).reshape(rows, cols // 4, 4).sum(-1) <= 2).all())
 
 
 def _refuse_foreign(structure: ModelStructure, ckpt: SourceCheckpoint) -> None:

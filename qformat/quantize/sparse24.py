@@ -16,7 +16,7 @@ import itertools
 import numpy as np
 import torch
 
-__all__ = ["decompress_2_4", "select_2_4", "unpack_bitmask"]
+__all__ = ["compress_2_4", "decompress_2_4", "follows_2_4", "select_2_4", "unpack_bitmask"]
 
 _PAIRS = list(itertools.combinations(range(4), 2))  # (0,1) (0,2) (0,3) (1,2) (1,3) (2,3)
 
@@ -78,11 +78,98 @@ def unpack_bitmask(bitmask: torch.Tensor, in_features: int) -> torch.Tensor:
     return torch.from_numpy(bits.astype(bool))
 
 
+def _shift_tables() -> tuple[np.ndarray, np.ndarray]:
+    """Kept nibble -> bit offsets (8 x index) of its first and second kept element in a group's 4 bytes."""
+    first, second = np.zeros(16, np.int32), np.zeros(16, np.int32)
+    for nib in range(16):
+        kept = [i for i in range(4) if nib >> i & 1]
+        if len(kept) == 2:
+            first[nib], second[nib] = 8 * kept[0], 8 * kept[1]
+    return first, second
+
+
+_FIRST, _SECOND = _shift_tables()
+
+
+def _nibbles(bitmask: torch.Tensor, groups: int) -> np.ndarray:
+    """uint8 [rows, groups]: each group's kept nibble, from the bitmask (low nibble of byte k = group 2k)."""
+    data = bitmask.cpu().numpy()
+    return np.stack((data & 15, data >> 4), axis=-1).reshape(data.shape[0], -1)[:, :groups]
+
+
 def decompress_2_4(values: torch.Tensor, bitmask: torch.Tensor, in_features: int) -> torch.Tensor:
     """Dense [rows, in_features] tensor of `values`' dtype with the kept values in place and zeros elsewhere."""
+    if values.element_size() == 1 and values.device.type == "cpu" and in_features % 4 == 0:
+        # int8 / fp8: a group is 4 bytes (one int32) and its 2 kept bytes one int16; place them by shifts
+        rows = values.shape[0]
+        nib = _nibbles(bitmask, in_features // 4)
+        pair = values.contiguous().view(torch.int16).reshape(rows, -1).to(torch.int32)
+        low, high = pair & 0xFF, (pair >> 8) & 0xFF
+        dense = (low << torch.from_numpy(np.take(_FIRST, nib))) | (high << torch.from_numpy(np.take(_SECOND, nib)))
+        return dense.view(torch.uint8).reshape(rows, in_features).view(values.dtype)
     mask = unpack_bitmask(bitmask, in_features).to(values.device)
     flat = values.reshape(-1)
-    raw = flat.view(torch.uint8) if flat.element_size() == 1 else flat  # fp8 has no index_put on every backend
+    raw = flat.view(torch.uint8) if flat.element_size() == 1 else flat  # fp8 has no masked_scatter on every backend
     dense = torch.zeros(mask.shape, dtype=raw.dtype, device=values.device)
-    dense[mask] = raw
+    dense.masked_scatter_(mask, raw)
     return dense.view(values.dtype)
+
+
+def _nonzero(values: torch.Tensor) -> torch.Tensor:
+    """uint8 0/1 per element: nonzero, with fp8's -0.0 counted as zero."""
+    if values.dtype == torch.float8_e4m3fn:
+        return ((values.view(torch.uint8) & 0x7F) != 0).view(torch.uint8)
+    return (values != 0).view(torch.uint8)
+
+
+def follows_2_4(values: torch.Tensor, *, block_rows: int = 256) -> bool:
+    """True if every group of 4 consecutive values along the input dimension holds at most two nonzeros.
+
+    Checked a block of rows at a time, so a dense (not 2:4) weight is usually rejected after its first block.
+    """
+    rows, cols = values.shape
+    if cols % 4:
+        return False
+    for r0 in range(0, rows, block_rows):
+        nz = _nonzero(values[r0 : r0 + block_rows]).reshape(-1, cols // 4, 4)
+        if bool(((nz[..., 0] + nz[..., 1] + nz[..., 2] + nz[..., 3]) > 2).any()):
+            return False
+    return True
+
+
+def _fill_table() -> np.ndarray:
+    """Nonzero nibble -> kept nibble: the nonzeros, then the lowest-index zeros until two are kept (select_2_4's
+    tie rule: zeros tie, and ties go to the lower index)."""
+    table = np.zeros(16, dtype=np.uint8)
+    for nib in range(16):
+        kept = [i for i in range(4) if nib >> i & 1]
+        kept += [i for i in range(4) if not nib >> i & 1][: max(0, 2 - len(kept))]
+        table[nib] = sum(1 << i for i in kept) if len(kept) == 2 else 0  # > 2 nonzeros: not 2:4, never looked up
+    return table
+
+
+_FILL = _fill_table()
+
+
+def compress_2_4(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(kept values [rows, in/2], bitmask) of a weight that already follows 2:4 (`follows_2_4`), without sorting.
+
+    The result equals `select_2_4(values)`'s: in a group with two nonzeros those are the two largest magnitudes, and
+    the zeros that fill a group with fewer are the lowest-index ones. Much cheaper than `select_2_4` because only
+    zero / nonzero matters.
+    """
+    rows, cols = values.shape
+    if not follows_2_4(values):
+        raise ValueError("compress_2_4 needs a weight with at most two nonzeros in every group of 4; use select_2_4")
+    nz = _nonzero(values).reshape(rows, cols // 4, 4)
+    nibble = nz[..., 0] | (nz[..., 1] << 1) | (nz[..., 2] << 2) | (nz[..., 3] << 3)
+    nib = np.take(_FILL, nibble.numpy())
+    padded = np.pad(nib, ((0, 0), (0, (cols // 4) % 2)))
+    bitmask = torch.from_numpy(padded[:, 0::2] | (padded[:, 1::2] << 4))
+    if values.element_size() == 1:  # int8 / fp8: pick each group's 2 kept bytes out of its int32 by shifts
+        group = values.contiguous().view(torch.uint8).view(torch.int32).reshape(rows, cols // 4)
+        first = (group >> torch.from_numpy(np.take(_FIRST, nib))) & 0xFF
+        second = (group >> torch.from_numpy(np.take(_SECOND, nib))) & 0xFF
+        kept = (first | (second << 8)).to(torch.int16).view(torch.uint8).reshape(rows, cols // 2)
+        return kept.view(values.dtype), bitmask
+    return values[unpack_bitmask(bitmask, cols)].reshape(rows, cols // 2), bitmask

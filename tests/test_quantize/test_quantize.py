@@ -19,6 +19,7 @@ from qformat.quantize import (
     quantize_weight,
     select_2_4,
 )
+from qformat.quantize.sparse24 import compress_2_4, decompress_2_4, follows_2_4, unpack_bitmask
 from qformat.spec import resolve_scheme_name
 from qformat.testing.bounds import spec_error_bound as spec_bound
 
@@ -149,6 +150,46 @@ def test_already_2_4_sparse_weights_keep_their_pattern_exactly():
     mask = torch.from_numpy(np.unpackbits(bitmask.numpy(), axis=-1, bitorder="little").astype(bool))
     assert torch.equal(mask, w != 0)
     assert torch.equal(values, w[w != 0].reshape(32, 32))
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.float8_e4m3fn])
+@pytest.mark.parametrize("groups", [3, 4])  # an odd group count leaves half of the last bitmask byte as padding
+def test_compress_2_4_equals_select_2_4_on_every_2_4_pattern(dtype, groups):
+    """The import's fast path (nonzeros only) must give select_2_4's bytes, zero-filled groups included."""
+    patterns = [p for p in itertools.product([0.0, 1.0, -3.0, 5.0], repeat=4) if sum(v != 0 for v in p) <= 2]
+    patterns = patterns[: len(patterns) // groups * groups]  # 67 patterns: drop the remainder of a last row
+    w = torch.tensor(patterns).reshape(-1, 4 * groups).to(dtype)
+    w[0, :4] = torch.tensor([-0.0, 0.0, 2.0, 0.0]).to(dtype)  # fp8 -0.0 is a zero, not a kept value
+    assert follows_2_4(w)
+    kept, bitmask = compress_2_4(w)
+    expected, expected_mask, _ = select_2_4(w.to(torch.float32))
+    assert torch.equal(bitmask, expected_mask)
+    kept_bytes = w.view(torch.uint8)[unpack_bitmask(bitmask, 4 * groups)].reshape(kept.shape)
+    assert torch.equal(kept.view(torch.uint8), kept_bytes)
+    assert torch.equal(kept.to(torch.float32), expected)
+    assert torch.equal(decompress_2_4(kept, bitmask, 4 * groups).view(torch.uint8), w.view(torch.uint8))
+
+
+def test_follows_2_4_finds_a_third_nonzero_in_any_block():
+    w = torch.zeros(600, 8, dtype=torch.int8)
+    assert follows_2_4(w)
+    w[599, 4:7] = 1  # in the last block of rows
+    assert not follows_2_4(w)
+    assert not follows_2_4(torch.zeros(2, 6, dtype=torch.int8))  # in_features not a multiple of 4
+    with pytest.raises(ValueError, match="select_2_4"):
+        compress_2_4(w)
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.float8_e4m3fn, torch.bfloat16])
+def test_decompress_2_4_places_values_where_the_bitmask_says(dtype):
+    gen = torch.Generator().manual_seed(3)
+    w = torch.randn(16, 44, generator=gen)  # 11 groups: the last byte is half padding
+    values, bitmask, _ = select_2_4(w)
+    dense = decompress_2_4(values.to(dtype), bitmask, 44)
+    mask = unpack_bitmask(bitmask, 44)
+    assert dense.dtype == dtype and dense.shape == (16, 44)
+    assert torch.equal(dense.to(torch.float32)[mask], values.to(dtype).to(torch.float32).reshape(-1))
+    assert not bool(dense.to(torch.float32)[~mask].any())
 
 
 def test_spec_worked_example_bytes():
