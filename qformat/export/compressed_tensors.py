@@ -30,7 +30,6 @@ from qformat.export.ct_config import ct_format, ct_quantization_config
 from qformat.export.packing import pack_int8
 from qformat.io.atomic import atomic_output_dir, check_output_location
 from qformat.io.safetensors_format import layout_file
-from qformat.io.source import SAFETENSORS_CODES
 from qformat.io.writer import ShardWriter, write_error
 from qformat.quantize.sparse24 import decompress_2_4
 from qformat.spec.fused import fused_groups_for, group_modules
@@ -95,6 +94,25 @@ def _link_or_copy(src: Path, dst: Path) -> str:
     return "copied"
 
 
+def _packed(scheme: Scheme) -> bool:
+    """vLLM runs int8 weight-only only as `pack-quantized`: such modules get `weight_packed` + `weight_shape`."""
+    return scheme.weights.type == "int" and scheme.input_activations is None
+
+
+def _module_specs(ckpt: QFormatCheckpoint, module: str, scheme: Scheme) -> list[TensorSpec]:
+    """The export's tensor names, dtypes and shapes for a module that changes, known before any value is read."""
+    if scheme.sparsity is not None:
+        out_f, in_f = (int(v) for v in ckpt.load(f"{module}.shape").reshape(-1))
+        dtype = ckpt.tensors[f"{module}.compressed"][1].dtype
+    else:
+        entry = ckpt.tensors[f"{module}.weight"][1]
+        (out_f, in_f), dtype = entry.shape, entry.dtype
+    if _packed(scheme):
+        return [TensorSpec(f"{module}.weight_packed", "I32", (out_f, in_f // 4)),
+                TensorSpec(f"{module}.weight_shape", "I64", (2,))]
+    return [TensorSpec(f"{module}.weight", dtype, (out_f, in_f))]
+
+
 def _module_outputs(ckpt: QFormatCheckpoint, module: str, scheme: Scheme) -> dict[str, torch.Tensor]:
     """The export's tensors for a module that changes (2:4 -> dense, weight-only int8 -> packed)."""
     if scheme.sparsity is not None:
@@ -102,43 +120,38 @@ def _module_outputs(ckpt: QFormatCheckpoint, module: str, scheme: Scheme) -> dic
         values = decompress_2_4(ckpt.load(f"{module}.compressed"), ckpt.load(f"{module}.bitmask"), in_f)
     else:
         values = ckpt.load(f"{module}.weight")
-    tensors: dict[str, torch.Tensor] = {}
-    if scheme.weights.type == "int" and scheme.input_activations is None:
-        tensors[f"{module}.weight_packed"] = pack_int8(values)
-        tensors[f"{module}.weight_shape"] = torch.tensor(list(values.shape), dtype=torch.int64)
-    else:
-        tensors[f"{module}.weight"] = values
-    return tensors
+    if _packed(scheme):
+        return {f"{module}.weight_packed": pack_int8(values),
+                f"{module}.weight_shape": torch.tensor(list(values.shape), dtype=torch.int64)}
+    return {f"{module}.weight": values}
 
 
 _REPLACED = ("weight", "compressed", "bitmask", "shape")
 
 
 def _write_shard(ckpt: QFormatCheckpoint, file: str, target: Path, changed: dict[str, Scheme]) -> list[str]:
-    """Rewrite one shard: changed modules' new tensors, every other tensor's bytes as they are."""
-    entries = [entry for f, entry in ckpt.tensors.values() if f == file]
-    new: dict[str, torch.Tensor] = {}
+    """Rewrite one shard: every unchanged tensor's bytes as they are, then the changed modules' new tensors one
+    module at a time (peak memory is one module's weight, not the shard's)."""
     keep = []
-    for entry in entries:
+    for _, entry in (v for v in ckpt.tensors.values() if v[0] == file):
         module, _, suffix = entry.name.rpartition(".")
-        if module in changed and suffix in _REPLACED:
-            continue
-        keep.append(entry)
-    for module, scheme in changed.items():
-        new.update(_module_outputs(ckpt, module, scheme))
+        if not (module in changed and suffix in _REPLACED):
+            keep.append(entry)
     specs = [TensorSpec(e.name, e.dtype, e.shape) for e in keep]
-    specs += [TensorSpec(name, SAFETENSORS_CODES[t.dtype], tuple(t.shape)) for name, t in new.items()]
-    writer = ShardWriter(target, layout_file(specs, _SHARD_METADATA))
+    for module, scheme in changed.items():
+        specs += _module_specs(ckpt, module, scheme)
+    writer = ShardWriter(target, layout_file(specs, _SHARD_METADATA), hashes=False)
     try:
         with open(ckpt.folder / file, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
             for entry in keep:
                 sink = writer.sink(entry.name)
                 sink.write(memoryview(mm)[entry.start : entry.end])
                 sink.finish()
-        for name, tensor in new.items():
-            sink = writer.sink(name)
-            sink.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
-            sink.finish()
+        for module, scheme in changed.items():
+            for name, tensor in _module_outputs(ckpt, module, scheme).items():
+                sink = writer.sink(name)
+                sink.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
+                sink.finish()
         writer.close()
     finally:
         writer.abort()
@@ -181,8 +194,7 @@ def export_compressed_tensors(folder: str | os.PathLike[str], output: str | os.P
         dense = _dense(scheme)
         groups.setdefault(json.dumps(dense.to_dict(), sort_keys=True), (dense, []))[1].append(module)
     ordered = sorted(groups.values(), key=lambda g: (-len(g[1]), ct_format(g[0])))
-    changed = {m: s for m, s in schemes.items()
-               if s.sparsity is not None or (s.weights.type == "int" and s.input_activations is None)}
+    changed = {m: s for m, s in schemes.items() if s.sparsity is not None or _packed(s)}
     densified = sorted(m for m, s in changed.items() if s.sparsity is not None)
     note: dict[str, Any] = {"exported_by": f"qformat {__version__}", "format_version": qc.format_version,
                             "base_model": (qc.provenance.get("source") or {}).get("base_model"),
@@ -209,7 +221,7 @@ def export_compressed_tensors(folder: str | os.PathLike[str], output: str | os.P
         config["quantization_config"] = quant_config
         _write(tmp / "config.json", config)
         (tmp / "README.md").write_text(render_export_card(folder, quant_config, densified), encoding="utf-8")
-    repacked = sorted(m for m, s in changed.items() if s.weights.type == "int" and s.input_activations is None)
+    repacked = sorted(m for m, s in changed.items() if _packed(s))
     return ExportResult(out, {g: c["format"] for g, c in quant_config["config_groups"].items()}, repacked, densified,
                         shards)
 

@@ -20,7 +20,10 @@ def pack_int8(values: torch.Tensor) -> torch.Tensor:
     out_f, in_f = values.shape
     if in_f % 4:
         raise ValueError(f"pack-quantized 8-bit needs in_features divisible by 4, got {in_f}")
-    unsigned = (values.to(torch.int16) + 128).to(torch.uint8).contiguous()
+    if values.dtype != torch.int8:
+        raise ValueError(f"pack-quantized 8-bit packs int8 values, got {values.dtype}")
+    # v + 128 as an unsigned byte is v's two's-complement byte with its top bit flipped: one XOR per byte.
+    unsigned = values.contiguous().view(torch.uint8) ^ 0x80
     if sys.byteorder != "little":  # pragma: no cover - the layout is defined little-endian
         raise RuntimeError("pack-quantized packing assumes a little-endian machine")
     return unsigned.view(torch.int32).reshape(out_f, in_f // 4)
@@ -30,4 +33,4 @@ def unpack_int8(packed: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
     """Inverse of `pack_int8`: int32 [out, in / 4] -> int8 [out, in]."""
     out_f, in_f = shape
     unsigned = packed.contiguous().view(torch.uint8).reshape(out_f, -1)[:, :in_f]
-    return (unsigned.to(torch.int16) - 128).to(torch.int8)
+    return (unsigned ^ 0x80).view(torch.int8)

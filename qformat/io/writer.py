@@ -2,8 +2,9 @@
 
 The file is created at its final size up front (`posix_fallocate` where the filesystem supports it), so a full disk or
 a file-size limit fails before any work is done rather than halfway through. Each tensor is written through a
-`TensorSink` that hashes what it writes (sha256 of the raw bytes, the content hash the format records) and checks
-that exactly the declared number of bytes arrived.
+`TensorSink` that hashes what it writes (sha256 of the raw bytes, the content hash the format records; writers of
+files that record no hashes, such as the compressed-tensors export, switch it off) and checks that exactly the
+declared number of bytes arrived.
 """
 
 from __future__ import annotations
@@ -39,30 +40,32 @@ class TensorSink:
         self._writer = writer
         self._entry = entry
         self._cursor = entry.start
-        self._hash = hashlib.sha256()
+        self._hash = hashlib.sha256() if writer.hashes else None
 
     def write(self, data: memoryview | bytes) -> None:
         view = memoryview(data).cast("B")
         if self._cursor + view.nbytes > self._entry.end:
             raise ValueError(f"{self._entry.name}: more bytes than its header declares")
         self._writer.pwrite(view, self._cursor)
-        self._hash.update(view)
+        if self._hash is not None:
+            self._hash.update(view)
         self._cursor += view.nbytes
 
     def finish(self) -> str:
-        """Check the tensor is complete and return its content hash ("sha256:<hex>")."""
+        """Check the tensor is complete and return its content hash ("sha256:<hex>"; "" when hashing is off)."""
         if self._cursor != self._entry.end:
             raise ValueError(f"{self._entry.name}: wrote {self._cursor - self._entry.start} of {self._entry.nbytes} bytes")
         self._writer.completed.add(self._entry.name)
-        return "sha256:" + self._hash.hexdigest()
+        return "" if self._hash is None else "sha256:" + self._hash.hexdigest()
 
 
 class ShardWriter:
     """One output safetensors file, laid out in advance by `layout_file`."""
 
-    def __init__(self, path: Path, layout: FileLayout) -> None:
+    def __init__(self, path: Path, layout: FileLayout, *, hashes: bool = True) -> None:
         self.path = path
         self.layout = layout
+        self.hashes = hashes
         self.completed: set[str] = set()
         try:
             self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
