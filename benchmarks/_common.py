@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -11,7 +12,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["LLAMA_2G", "ProcessStats", "drop_cache", "human", "make_llama_checkpoint", "measure_process"]
+__all__ = ["LLAMA_2G", "ProcessStats", "cold_copy", "drop_cache", "fresh", "human", "make_llama_checkpoint",
+           "measure_process"]
 
 #: A TinyLlama-shaped model: 1.1B parameters, about 2.2 GB in bf16.
 LLAMA_2G = {
@@ -90,6 +92,23 @@ def drop_cache(folder: Path) -> None:
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
             finally:
                 os.close(fd)
+
+
+def fresh(path: Path) -> None:
+    """Remove an earlier run's output and flush the removal, so the next run starts from the same disk state."""
+    shutil.rmtree(path, ignore_errors=True)
+    subprocess.run(["sync"], check=True)
+
+
+def cold_copy(src: Path, out: Path) -> dict:
+    """`cp -r` + `sync` of `src` with a cold page cache: the floor for anything that writes the checkpoint's bytes."""
+    fresh(out)
+    drop_cache(src)
+    start = time.perf_counter()
+    stats = measure_process(["cp", "-r", str(src), str(out)])
+    subprocess.run(["sync"], check=True)
+    return {"seconds": time.perf_counter() - start, "rss": stats.peak_rss, "anon": stats.peak_anon,
+            "file": stats.peak_file}
 
 
 @dataclass

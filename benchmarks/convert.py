@@ -17,15 +17,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import drop_cache, human, make_llama_checkpoint, measure_process
+from _common import cold_copy, drop_cache, fresh, human, make_llama_checkpoint, measure_process
 
 HERE = Path(__file__).parent
 CHILD = """
@@ -47,23 +45,8 @@ def _largest_tensor(folder: Path) -> int:
     return max(t.nbytes for t in SourceCheckpoint(folder).tensors.values())
 
 
-def _fresh(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)
-    subprocess.run(["sync"], check=True)
-
-
-def run_copy(src: Path, out: Path) -> dict:
-    _fresh(out)
-    drop_cache(src)
-    start = time.perf_counter()
-    stats = measure_process(["cp", "-r", str(src), str(out)])
-    subprocess.run(["sync"], check=True)
-    return {"seconds": time.perf_counter() - start, "rss": stats.peak_rss, "anon": stats.peak_anon,
-            "file": stats.peak_file}
-
-
 def run_qformat(src: Path, out: Path, scheme: str, observer: str | None) -> dict:
-    _fresh(out)
+    fresh(out)
     drop_cache(src)
     start = time.perf_counter()
     stats = measure_process([sys.executable, "-c", CHILD, str(src), str(out), scheme, observer or ""])
@@ -74,7 +57,7 @@ def run_qformat(src: Path, out: Path, scheme: str, observer: str | None) -> dict
 
 
 def run_peer(python: str, src: Path, out: Path, scheme: str) -> dict:
-    _fresh(out)
+    fresh(out)
     drop_cache(src)
     env = dict(os.environ, LC_EXTRA_IGNORE="re:.*embed_tokens")
     start = time.perf_counter()
@@ -116,7 +99,7 @@ def main() -> None:
         largest = _largest_tensor(src)
         runs: dict[str, list[dict]] = {"copy": [], "qformat": [], "peer": []}
         for _ in range(args.repeat):  # interleaved, so drift in the machine's speed hits every method alike
-            runs["copy"].append(run_copy(src, out))
+            runs["copy"].append(cold_copy(src, out))
             runs["qformat"].append(run_qformat(src, out, args.scheme, args.observer))
             if args.peer:
                 runs["peer"].append(run_peer(args.peer, src, out, args.scheme))
@@ -129,7 +112,7 @@ def main() -> None:
             secs = _median(runs[method], "seconds")
             rows.append((label, name, secs, _median(runs[method], "wall"), size / secs / 1e9, secs / floor,
                          _median(runs[method], "rss"), _median(runs[method], "anon"), _median(runs[method], "file")))
-        _fresh(out)
+        fresh(out)
     print(f"source: {human(size)} bf16, largest tensor {human(largest)}; anon budget 3 x largest + 200 MB = "
           f"{human(3 * largest + 200e6)}; median of {args.repeat} runs")
     head = ("layout", "method", "seconds", "process wall s", "GB/s", "x cold copy", "peak RSS",

@@ -13,15 +13,12 @@ inside a child process (imports excluded); the table gives the median of --repea
 from __future__ import annotations
 
 import argparse
-import shutil
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import drop_cache, human, make_llama_checkpoint, measure_process
+from _common import cold_copy, drop_cache, fresh, human, make_llama_checkpoint, measure_process
 
 #: 1.95B parameters: ~3.9 GB in bf16, ~2.1 GB with int8 Linear weights (embeddings stay bf16).
 LLAMA_4G = {
@@ -40,26 +37,12 @@ print("CALL_SECONDS", time.perf_counter() - t, flush=True)
 """
 
 
-def _fresh(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)
-    subprocess.run(["sync"], check=True)
-
-
 def _size(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
 
 
-def run_copy(src: Path, out: Path) -> dict:
-    _fresh(out)
-    drop_cache(src)
-    start = time.perf_counter()
-    stats = measure_process(["cp", "-r", str(src), str(out)])
-    subprocess.run(["sync"], check=True)
-    return {"seconds": time.perf_counter() - start, "anon": stats.peak_anon}
-
-
 def run_qformat(function: str, src: Path, out: Path) -> dict:
-    _fresh(out)
+    fresh(out)
     drop_cache(src)
     stats = measure_process([sys.executable, "-c", CHILD, function, str(src), str(out)])
     call = float(next(line.split()[1] for line in stats.stdout.splitlines() if line.startswith("CALL_SECONDS")))
@@ -91,7 +74,7 @@ def main() -> None:
     for scheme, folder in checkpoints.items():
         runs: dict[str, list[dict]] = {"copy": [], "export": [], "import": []}
         for _ in range(args.repeat):  # interleaved, so drift in the machine's speed hits every method alike
-            runs["copy"].append(run_copy(folder, copied))
+            runs["copy"].append(cold_copy(folder, copied))
             runs["export"].append(run_qformat("export_compressed_tensors", folder, exported))
             runs["import"].append(run_qformat("import_compressed_tensors", exported, back))
         floor = statistics.median(r["seconds"] for r in runs["copy"])
@@ -104,7 +87,7 @@ def main() -> None:
             rows.append((f"{scheme} ({human(sizes['copy'])}, {shards} shards)", label, secs, secs / floor,
                          sizes[method], anon))
         for path in (copied, exported, back):
-            _fresh(path)
+            fresh(path)
     print(f"median of {args.repeat} runs, cold page cache before each")
     head = ("checkpoint", "operation", "seconds", "x cold copy", "output size", "peak anon memory")
     print("| " + " | ".join(head) + " |")
