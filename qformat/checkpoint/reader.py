@@ -8,13 +8,12 @@ from pathlib import Path
 from typing import Any
 
 from qformat.errors import CorruptCheckpointError, FormatError
-from qformat.io.index import read_weight_index
+from qformat.io.index import INDEX_FILE, read_weight_index
 from qformat.io.safetensors_format import HeaderEntry, SafetensorsHeader, read_header
 from qformat.spec.config import QFormatConfig
 
 __all__ = ["QFormatCheckpoint", "open_checkpoint"]
 
-_INDEX = "model.safetensors.index.json"
 _SINGLE = "model.safetensors"
 _QUANTIZED_MARKER = ".weight_scale"
 
@@ -79,15 +78,15 @@ def _read_config(folder: Path) -> tuple[dict[str, Any], QFormatConfig]:
 
 
 def _weight_files(folder: Path) -> tuple[tuple[str, ...], dict[str, str] | None]:
-    if (folder / _INDEX).is_file():
+    if (folder / INDEX_FILE).is_file():
         try:
-            weight_map, files = read_weight_index(folder, _INDEX)
+            weight_map, files = read_weight_index(folder, INDEX_FILE)
         except CorruptCheckpointError as exc:
             raise FormatError(str(exc)) from None
         return tuple(files), weight_map
     if (folder / _SINGLE).is_file():
         return (_SINGLE,), None
-    raise FormatError(f"{folder} has neither {_SINGLE} nor {_INDEX}")
+    raise FormatError(f"{folder} has neither {_SINGLE} nor {INDEX_FILE}")
 
 
 def open_checkpoint(folder: str | Path) -> QFormatCheckpoint:
@@ -113,10 +112,10 @@ def open_checkpoint(folder: str | Path) -> QFormatCheckpoint:
             if entry.name in tensors:
                 raise FormatError(f"tensor {entry.name} is stored in both {tensors[entry.name][0]} and {file}")
             if index is not None and index.get(entry.name) != file:
-                raise FormatError(f"{file} holds {entry.name}, but {_INDEX} maps it to {index.get(entry.name)}")
+                raise FormatError(f"{file} holds {entry.name}, but {INDEX_FILE} maps it to {index.get(entry.name)}")
             tensors[entry.name] = (file, entry)
     if index is not None:
         for name, file in index.items():
             if name not in tensors:
-                raise FormatError(f"{_INDEX} maps {name} to {file}, which does not contain it")
+                raise FormatError(f"{INDEX_FILE} maps {name} to {file}, which does not contain it")
     return QFormatCheckpoint(folder, config, qconfig, files, index, headers, tensors)

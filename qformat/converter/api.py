@@ -11,17 +11,18 @@ from typing import Any
 
 from qformat._version import __version__
 from qformat.converter.files import copy_support_files
-from qformat.converter.layout import INDEX_FILE, OutputLayout, plan_output
+from qformat.converter.layout import OutputLayout, plan_output
 from qformat.converter.options import ConvertOptions
 from qformat.converter.pipeline import run_pipeline
 from qformat.converter.plan import ConversionPlan, plan_conversion
-from qformat.converter.source import ResolvedSource, resolve_source
+from qformat.converter.source import ResolvedSource, resolve_source_for
 from qformat.converter.structure import analyze_structure
 from qformat.errors import CorruptCheckpointError, UnsupportedModelError
-from qformat.io.atomic import atomic_output_dir, check_output_location
+from qformat.io.atomic import atomic_output_dir
+from qformat.io.index import write_weight_index
 from qformat.io.safetensors_format import read_header
 from qformat.io.source import SourceCheckpoint
-from qformat.io.writer import write_error
+from qformat.io.writer import write_json
 
 __all__ = ["ConvertResult", "convert"]
 
@@ -102,16 +103,6 @@ def _refuse_non_float_weights(layout: OutputLayout) -> None:
             )
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    try:
-        with open(path, "w", encoding="utf-8") as fh:
-            fh.write(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-    except OSError as exc:
-        raise write_error(path, exc) from None
-
-
 def _reread(folder: Path, layout: OutputLayout) -> None:
     """Re-read every written shard: our header parser and safetensors itself must both accept it as planned."""
     from safetensors import safe_open
@@ -157,11 +148,7 @@ def convert(source: str | os.PathLike[str], output: str | os.PathLike[str], *, s
                              sparsity=sparsity, base_model=base_model, revision=revision,
                              max_shard_size=parse_size(max_shard_size))
     out = Path(output)
-    local = Path(source).expanduser()
-    # check before a possible download, and again once the source folder is known
-    check_output_location(out, source=local if local.exists() else None, overwrite=overwrite)
-    src = resolve_source(source, revision=revision)
-    check_output_location(out, source=src.path, overwrite=overwrite)
+    src = resolve_source_for(source, out, revision=revision, overwrite=overwrite)
     checkpoint = SourceCheckpoint(src.path)
     checkpoint.readahead(READAHEAD_START)
     structure = analyze_structure(src.path, {name: t.shape for name, t in checkpoint.tensors.items()})
@@ -177,11 +164,10 @@ def convert(source: str | os.PathLike[str], output: str | os.PathLike[str], *, s
         _reread(tmp, layout)
         if len(layout.shard_names) > 1:
             weight_map = {spec.name: layout.shard_names[job.shard] for job in layout.jobs for spec in job.outputs}
-            _write_json(tmp / INDEX_FILE, {"metadata": {"total_size": layout.total_bytes},
-                                            "weight_map": dict(sorted(weight_map.items()))})
+            write_weight_index(tmp, weight_map, layout.total_bytes)
         config = json.loads((src.path / "config.json").read_text(encoding="utf-8"))
         config["quantization_config"] = _quantization_config(plan, options, src, checkpoint, layout, result.hashes,
                                                              result.stats, skipped)
-        _write_json(tmp / "config.json", config)
+        write_json(tmp / "config.json", config)
     logger.info("wrote %s", out)
     return ConvertResult(out, len(plan.decisions), len(plan.quantized), checkpoint.nbytes, layout.total_bytes)

@@ -13,12 +13,11 @@ from qformat.io.safetensors_format import FileLayout, layout_file
 from qformat.io.source import SourceCheckpoint, SourceTensor
 from qformat.spec.layout import TensorSpec, module_tensors
 
-__all__ = ["INDEX_FILE", "SHARD_METADATA", "SINGLE_FILE", "OutputLayout", "SourceJob", "plan_output"]
+__all__ = ["SHARD_METADATA", "SINGLE_FILE", "OutputLayout", "SourceJob", "plan_output"]
 
 #: The safetensors metadata of every shard; old loaders check for {"format": "pt"}.
 SHARD_METADATA = {"format": "pt"}
 SINGLE_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
 
 
 @dataclass(frozen=True)

@@ -12,8 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qformat.errors import SourceError
+from qformat.io.atomic import check_output_location
 
-__all__ = ["HUB_IGNORE_PATTERNS", "ResolvedSource", "resolve_source"]
+__all__ = ["HUB_IGNORE_PATTERNS", "ResolvedSource", "resolve_source", "resolve_source_for"]
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _CACHE_SNAPSHOT = re.compile(r"models--(?P<owner>[^/]+?)--(?P<name>[^/]+)/snapshots/(?P<rev>[0-9a-f]{40})$")
@@ -93,3 +94,13 @@ def _download(repo_id: str, revision: str | None) -> ResolvedSource:
     if not (folder / "config.json").is_file():
         raise SourceError(f"Hub repo {repo_id} has no config.json at its root; it is not a transformers model")
     return ResolvedSource(folder, repo_id, commit)
+
+
+def resolve_source_for(source: str | Path, output: Path, *, revision: str | None, overwrite: bool) -> ResolvedSource:
+    """`resolve_source` for a command that writes OUTPUT: the output location is checked before a possible download
+    (so a bad OUTPUT fails fast) and again against the folder SOURCE resolved to (OUTPUT must not be inside it)."""
+    local = Path(source).expanduser()
+    check_output_location(output, source=local if local.exists() else None, overwrite=overwrite)
+    resolved = resolve_source(source, revision=revision)
+    check_output_location(output, source=resolved.path, overwrite=overwrite)
+    return resolved

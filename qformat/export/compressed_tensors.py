@@ -29,8 +29,9 @@ from qformat.errors import FormatError, OptionError
 from qformat.export.ct_config import ct_format, ct_quantization_config
 from qformat.export.packing import pack_int8
 from qformat.io.atomic import atomic_output_dir, check_output_location
+from qformat.io.index import write_weight_index
 from qformat.io.safetensors_format import layout_file
-from qformat.io.writer import ShardWriter, write_error
+from qformat.io.writer import ShardWriter, write_error, write_json
 from qformat.quantize.sparse24 import decompress_2_4
 from qformat.spec.fused import fused_groups_for, group_modules
 from qformat.spec.layout import TensorSpec
@@ -38,7 +39,6 @@ from qformat.spec.schemes import Scheme
 
 __all__ = ["ExportResult", "export_compressed_tensors"]
 
-_INDEX = "model.safetensors.index.json"
 _SHARD_METADATA = {"format": "pt"}
 
 
@@ -216,18 +216,12 @@ def export_compressed_tensors(folder: str | os.PathLike[str], output: str | os.P
             weight_map.update(dict.fromkeys(names, file))
         if ckpt.index is not None:
             total = sum((tmp / f).stat().st_size for f in ckpt.files)
-            _write(tmp / _INDEX, {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))})
+            write_weight_index(tmp, weight_map, total)
         config = dict(ckpt.config)
         config["quantization_config"] = quant_config
-        _write(tmp / "config.json", config)
+        write_json(tmp / "config.json", config)
         (tmp / "README.md").write_text(render_export_card(folder, quant_config, densified), encoding="utf-8")
     repacked = sorted(m for m, s in changed.items() if _packed(s))
     return ExportResult(out, {g: c["format"] for g, c in quant_config["config_groups"].items()}, repacked, densified,
                         shards)
 
-
-def _write(path: Path, data: dict[str, Any]) -> None:
-    try:
-        path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    except OSError as exc:
-        raise write_error(path, exc) from None

@@ -11,7 +11,6 @@ verified before it is renamed into place.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shlex
@@ -24,14 +23,15 @@ import torch
 
 from qformat._version import __version__
 from qformat.converter.files import copy_support_files
-from qformat.converter.source import resolve_source
+from qformat.converter.source import resolve_source_for
 from qformat.errors import FormatError
 from qformat.export.ct_plan import ImportPlan, ModulePlan, plan_import
 from qformat.export.packing import unpack_int8
-from qformat.io.atomic import atomic_output_dir, check_output_location
+from qformat.io.atomic import atomic_output_dir
+from qformat.io.index import write_weight_index
 from qformat.io.safetensors_format import layout_file
 from qformat.io.source import SAFETENSORS_CODES, SourceCheckpoint, TensorReader
-from qformat.io.writer import ShardWriter, write_error
+from qformat.io.writer import ShardWriter, write_json
 from qformat.quantize.sparse24 import compress_2_4, decompress_2_4
 from qformat.spec.config import QFormatConfig
 from qformat.spec.fused import fused_groups_for
@@ -42,7 +42,6 @@ __all__ = ["ImportResult", "import_compressed_tensors"]
 
 logger = logging.getLogger(__name__)
 
-_INDEX = "model.safetensors.index.json"
 _SHARD_METADATA = {"format": "pt"}
 
 
@@ -188,13 +187,6 @@ def _qformat_config(plan: ImportPlan, ckpt: SourceCheckpoint, repo_id: str | Non
     return config
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    try:
-        path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    except OSError as exc:
-        raise write_error(path, exc) from None
-
-
 def import_compressed_tensors(source: str | os.PathLike[str], output: str | os.PathLike[str], *,
                               revision: str | None = None, base_model: str | None = None,
                               overwrite: bool = False) -> ImportResult:
@@ -208,10 +200,7 @@ def import_compressed_tensors(source: str | os.PathLike[str], output: str | os.P
     from qformat.checkpoint.verify import verify
 
     out = Path(output)
-    local = Path(source).expanduser()
-    check_output_location(out, source=local if local.exists() else None, overwrite=overwrite)
-    src = resolve_source(source, revision=revision)
-    check_output_location(out, source=src.path, overwrite=overwrite)
+    src = resolve_source_for(source, out, revision=revision, overwrite=overwrite)
     ckpt = SourceCheckpoint(src.path)
     with ckpt.reader() as reader:
         plan = plan_import(src.path, ckpt, reader)
@@ -221,14 +210,13 @@ def import_compressed_tensors(source: str | os.PathLike[str], output: str | os.P
             hashes, weight_map = _write_shards(plan, ckpt, reader, tmp)
             nbytes = sum((tmp / f).stat().st_size for f in ckpt.files)
             if ckpt.index_file is not None:
-                _write_json(tmp / _INDEX, {"metadata": {"total_size": nbytes},
-                                           "weight_map": dict(sorted(weight_map.items()))})
+                write_weight_index(tmp, weight_map, nbytes)
             config = dict(plan.config)
             config.pop("compression_config", None)
             config.pop("sparsity_config", None)
             qconfig = _qformat_config(plan, ckpt, src.repo_id, src.revision, base, hashes, nbytes)
             config["quantization_config"] = qconfig.to_dict()
-            _write_json(tmp / "config.json", config)
+            write_json(tmp / "config.json", config)
             try:
                 verify(tmp, check_hashes=False)
             except FormatError as exc:

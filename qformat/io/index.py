@@ -6,8 +6,12 @@ import json
 from pathlib import Path, PurePosixPath
 
 from qformat.errors import CorruptCheckpointError
+from qformat.io.writer import write_json
 
-__all__ = ["read_weight_index"]
+__all__ = ["INDEX_FILE", "read_weight_index", "write_weight_index"]
+
+#: The index file name transformers reads for a sharded safetensors checkpoint.
+INDEX_FILE = "model.safetensors.index.json"
 
 
 def read_weight_index(folder: Path, index: str) -> tuple[dict[str, str], list[str]]:
@@ -38,3 +42,9 @@ def read_weight_index(folder: Path, index: str) -> tuple[dict[str, str], list[st
                 raise CorruptCheckpointError(f"{index} names {name}, which does not exist in the model folder")
             files.append(name)
     return dict(weight_map), files
+
+
+def write_weight_index(folder: Path, weight_map: dict[str, str], total_size: int) -> None:
+    """Write `folder`'s INDEX_FILE: total size of the weight files and tensor -> file, sorted by tensor name."""
+    write_json(folder / INDEX_FILE,
+               {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))})

@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import os
 from pathlib import Path
+from typing import Any
 
 from qformat.errors import WriteError
 from qformat.io.safetensors_format import FileLayout, HeaderEntry
 
-__all__ = ["ShardWriter", "TensorSink", "write_error"]
+__all__ = ["ShardWriter", "TensorSink", "write_error", "write_json"]
 
 
 def write_error(path: Path, exc: OSError) -> WriteError:
@@ -31,6 +33,17 @@ def write_error(path: Path, exc: OSError) -> WriteError:
     else:
         hint = exc.strerror or str(exc)
     return WriteError(f"could not write {path.name}: {hint}. Nothing was written to OUTPUT")
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    """Write `data` as indented UTF-8 JSON and flush it to disk (the folder is renamed into place right after)."""
+    try:
+        with open(path, "w", encoding="utf-8") as fh:
+            fh.write(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError as exc:
+        raise write_error(path, exc) from None
 
 
 class TensorSink:
