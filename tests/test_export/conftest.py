@@ -7,6 +7,7 @@ own dequantized load (`QFormatQuantizationConfig(dequantize=True)`) and `dequant
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from pathlib import Path
@@ -24,14 +25,11 @@ INPUT_IDS = torch.tensor([[1, 5, 9, 17, 33, 2, 7, 100, 64, 3]])
 def converted(tiny_models, tmp_path_factory):
     """qformat checkpoints of the tiny Llama, one per scheme, converted once."""
     root = tmp_path_factory.mktemp("export-sources")
-    cache: dict[str, Path] = {}
 
+    @functools.cache
     def get(scheme: str) -> Path:
-        if scheme not in cache:
-            out = root / scheme.replace(":", "")
-            cache[scheme] = qformat.convert(tiny_models["llama"], out, scheme=scheme,
-                                            base_model="qformat-test/tiny-llama").output
-        return cache[scheme]
+        out = root / scheme.replace(":", "")
+        return qformat.convert(tiny_models["llama"], out, scheme=scheme, base_model="qformat-test/tiny-llama").output
 
     return get
 

@@ -7,6 +7,7 @@ so there is nothing to round differently. The same holds weight by weight for `C
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -32,13 +33,11 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 @pytest.fixture(scope="module")
 def exported(converted, tmp_path_factory):
     root = tmp_path_factory.mktemp("exports")
-    cache: dict[str, tuple[Path, object]] = {}
 
+    @functools.cache
     def get(scheme: str):
-        if scheme not in cache:
-            out = root / scheme.replace(":", "")
-            cache[scheme] = (out, qformat.export_compressed_tensors(converted(scheme), out))
-        return cache[scheme]
+        out = root / scheme.replace(":", "")
+        return out, qformat.export_compressed_tensors(converted(scheme), out)
 
     return get
 

@@ -10,6 +10,7 @@ bf16 models. fp32-scale checkpoints match in fp32.
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import subprocess
@@ -47,13 +48,11 @@ CT_CHECKPOINTS = {
 @pytest.fixture(scope="module")
 def ct_checkpoint(tmp_path_factory):
     root = tmp_path_factory.mktemp("ct-written")
-    cache: dict[str, Path] = {}
 
+    @functools.cache
     def get(name: str) -> Path:
-        if name not in cache:
-            groups, dtype, _ = CT_CHECKPOINTS[name]
-            cache[name] = save_ct_checkpoint(root / name, groups, dtype=dtype)
-        return cache[name]
+        groups, dtype, _ = CT_CHECKPOINTS[name]
+        return save_ct_checkpoint(root / name, groups, dtype=dtype)
 
     return get
 
@@ -61,12 +60,10 @@ def ct_checkpoint(tmp_path_factory):
 @pytest.fixture(scope="module")
 def imported(ct_checkpoint, tmp_path_factory):
     root = tmp_path_factory.mktemp("imported")
-    cache: dict[str, Path] = {}
 
+    @functools.cache
     def get(name: str) -> Path:
-        if name not in cache:
-            cache[name] = qformat.import_compressed_tensors(ct_checkpoint(name), root / name).output
-        return cache[name]
+        return qformat.import_compressed_tensors(ct_checkpoint(name), root / name).output
 
     return get
 

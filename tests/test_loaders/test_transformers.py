@@ -3,6 +3,7 @@ with the same activation quantization, generation, save/reload bit-exact, the de
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -36,12 +37,10 @@ SCHEMES = ["w8a16-int8", "w8a8-int8", "fp8-dynamic", "fp8-weight-only", "w8a8-in
 def converted(tiny_models, tmp_path_factory):
     """(arch, scheme) -> a converted checkpoint, made on first use."""
     root = tmp_path_factory.mktemp("converted")
-    cache: dict[tuple[str, str], Path] = {}
 
+    @functools.cache
     def get(arch: str, scheme: str) -> Path:
-        if (arch, scheme) not in cache:
-            cache[arch, scheme] = qformat.convert(tiny_models[arch], root / f"{arch}-{scheme}", scheme=scheme).output
-        return cache[arch, scheme]
+        return qformat.convert(tiny_models[arch], root / f"{arch}-{scheme}", scheme=scheme).output
 
     return get
 
