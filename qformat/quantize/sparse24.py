@@ -65,11 +65,16 @@ def select_2_4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
     nibble = _NIBBLE[index]
     values = torch.gather(groups, 2, _KEPT_IDX[index]).reshape(rows, cols // 2)
     dropped = torch.gather(groups, 2, _DROPPED_IDX[index]).reshape(rows, cols // 2)
-    if (cols // 4) % 2:
+    return values, _pack_nibbles(nibble), dropped
+
+
+def _pack_nibbles(nibble: torch.Tensor) -> torch.Tensor:
+    """uint8 [rows, groups] kept nibbles -> the bitmask [rows, ceil(groups / 2)] (group 2k in byte k's low nibble,
+    a last odd group's high nibble 0); `_nibbles` is the inverse."""
+    if nibble.shape[1] % 2:
         nibble = torch.nn.functional.pad(nibble, (0, 1))
-    pairs = nibble.reshape(rows, -1, 2)
-    bitmask = pairs[..., 0] | (pairs[..., 1] << 4)
-    return values, bitmask, dropped
+    pairs = nibble.reshape(nibble.shape[0], -1, 2)
+    return pairs[..., 0] | (pairs[..., 1] << 4)
 
 
 def unpack_bitmask(bitmask: torch.Tensor, in_features: int) -> torch.Tensor:
@@ -130,11 +135,13 @@ def follows_2_4(values: torch.Tensor, *, block_rows: int = 256) -> bool:
     rows, cols = values.shape
     if cols % 4:
         return False
-    for r0 in range(0, rows, block_rows):
-        nz = _nonzero(values[r0 : r0 + block_rows]).reshape(-1, cols // 4, 4)
-        if bool(((nz[..., 0] + nz[..., 1] + nz[..., 2] + nz[..., 3]) > 2).any()):
-            return False
-    return True
+    return not any(_more_than_two(_nonzero(values[r0 : r0 + block_rows]).reshape(-1, cols // 4, 4))
+                   for r0 in range(0, rows, block_rows))
+
+
+def _more_than_two(nz: torch.Tensor) -> bool:
+    """Whether any group of `nz` ([..., groups, 4] of 0/1) holds more than two ones."""
+    return bool(((nz[..., 0] + nz[..., 1] + nz[..., 2] + nz[..., 3]) > 2).any())
 
 
 def _fill_table() -> np.ndarray:
@@ -159,13 +166,12 @@ def compress_2_4(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     zero / nonzero matters.
     """
     rows, cols = values.shape
-    if not follows_2_4(values):
+    nz = _nonzero(values).reshape(rows, cols // 4, 4) if cols % 4 == 0 else None
+    if nz is None or _more_than_two(nz):
         raise ValueError("compress_2_4 needs a weight with at most two nonzeros in every group of 4; use select_2_4")
-    nz = _nonzero(values).reshape(rows, cols // 4, 4)
     nibble = nz[..., 0] | (nz[..., 1] << 1) | (nz[..., 2] << 2) | (nz[..., 3] << 3)
     nib = np.take(_FILL, nibble.numpy())
-    padded = np.pad(nib, ((0, 0), (0, (cols // 4) % 2)))
-    bitmask = torch.from_numpy(padded[:, 0::2] | (padded[:, 1::2] << 4))
+    bitmask = _pack_nibbles(torch.from_numpy(nib))
     if values.element_size() == 1:  # int8 / fp8: pick each group's 2 kept bytes out of its int32 by shifts
         group = values.contiguous().view(torch.uint8).view(torch.int32).reshape(rows, cols // 4)
         first = (group >> torch.from_numpy(np.take(_FIRST, nib))) & 0xFF
