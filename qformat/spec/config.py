@@ -8,11 +8,13 @@ stay readable). docs/FORMAT.md is the normative description; this module impleme
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 from qformat.errors import FormatError, OptionError, UnsupportedFormatVersionError
+from qformat.spec._typed import int_at, list_at, number_at, object_at, short, str_at
 from qformat.spec.fused import FusedGroups
-from qformat.spec.patterns import first_match, validate_pattern
+from qformat.spec.patterns import RuleSet
 from qformat.spec.schemes import Scheme
 
 __all__ = [
@@ -53,14 +55,17 @@ class FallbackEntry:
         return {"module": self.module, "reason": self.reason, "detail": self.detail, "measured": self.measured}
 
     @classmethod
-    def from_dict(cls, data: Any) -> FallbackEntry:
+    def from_dict(cls, data: Any, where: str = "fallback entry") -> FallbackEntry:
+        """Parse `{"module", "reason", "detail", "measured"}`; `where` names the entry in errors."""
         if not isinstance(data, dict) or not isinstance(data.get("module"), str) or "reason" not in data:
-            raise FormatError(f"each fallback entry needs 'module' and 'reason', got {data!r}")
+            raise FormatError(f"{where} needs 'module' and 'reason', got {short(data)}")
+        if not data["module"]:
+            raise FormatError(f"{where}.module is empty; it must name a Linear module")
         return cls(
             module=data["module"],
-            reason=data["reason"],
-            detail=str(data.get("detail") or ""),
-            measured=data.get("measured"),
+            reason=str_at(data["reason"], f"{where}.reason"),
+            detail=str_at(data.get("detail"), f"{where}.detail", nullable=True) or "",
+            measured=object_at(data.get("measured"), f"{where}.measured", nullable=True),
         )
 
 
@@ -87,11 +92,8 @@ class QFormatConfig:
     def __post_init__(self) -> None:
         if self.default_scheme not in self.schemes:
             raise FormatError(f"default_scheme {self.default_scheme!r} is not defined in 'schemes'")
+        self._override_rules  # noqa: B018 - validates every pattern (syntax, length, count) once
         for pattern, name in self.overrides:
-            try:
-                validate_pattern(pattern)
-            except OptionError as exc:
-                raise FormatError(f"overrides: {exc}") from None
             if name not in self.schemes:
                 raise FormatError(f"override {pattern!r} names scheme {name!r}, which is not defined in 'schemes'")
         seen: set[str] = set()
@@ -101,7 +103,15 @@ class QFormatConfig:
             seen.add(entry.module)
 
     # -- reading ------------------------------------------------------------------------------------------------
-    @property
+    @cached_property
+    def _override_rules(self) -> RuleSet[str]:
+        """The overrides compiled once (exact names in a dict, bounded `re:` matching)."""
+        try:
+            return RuleSet(self.overrides, what="quantization_config.overrides")
+        except OptionError as exc:
+            raise FormatError(f"overrides: {exc}") from None
+
+    @cached_property
     def fallback_modules(self) -> dict[str, FallbackEntry]:
         return {entry.module: entry for entry in self.fallback}
 
@@ -113,7 +123,10 @@ class QFormatConfig:
         """
         if module in self.fallback_modules:
             return None
-        rule = first_match(self.overrides, module)
+        try:
+            rule = self._override_rules.first(module)
+        except OptionError as exc:  # a pattern that proved too slow: the checkpoint's config is at fault
+            raise FormatError(f"overrides: {exc}") from None
         name = rule[1] if rule is not None else self.default_scheme
         return name, self.schemes[name]
 
@@ -135,17 +148,21 @@ class QFormatConfig:
 
     @classmethod
     def from_dict(cls, data: Any) -> QFormatConfig:
-        """Parse a `quantization_config` dict; raise `FormatError` naming the first problem."""
+        """Parse a `quantization_config` dict; raise `FormatError` naming the first problem and its key path.
+
+        Every key docs/FORMAT.md defines must have the type it gives (`"false"` is not a boolean, `true` not an
+        integer); a key that is absent takes its empty default, keys this version does not know are ignored.
+        """
         if not isinstance(data, dict):
             raise FormatError("quantization_config must be a JSON object")
         if data.get("quant_method") != QUANT_METHOD:
             raise FormatError(
-                f"quantization_config.quant_method is {data.get('quant_method')!r}, not {QUANT_METHOD!r}: "
+                f"quantization_config.quant_method is {short(data.get('quant_method'))}, not {QUANT_METHOD!r}: "
                 "this is not a qformat checkpoint"
             )
         version = data.get("format_version")
         if not isinstance(version, int) or isinstance(version, bool):
-            raise FormatError(f"quantization_config.format_version must be an integer, got {version!r}")
+            raise FormatError(f"quantization_config.format_version must be an integer, got {short(version)}")
         if version != FORMAT_VERSION:
             from qformat._version import __version__
 
@@ -156,27 +173,100 @@ class QFormatConfig:
         schemes = data.get("schemes")
         if not isinstance(schemes, dict) or not schemes:
             raise FormatError("quantization_config.schemes must be a non-empty object of scheme definitions")
-        overrides = data.get("overrides") or []
-        if not isinstance(overrides, list) or not all(
-            isinstance(o, dict) and isinstance(o.get("pattern"), str) and isinstance(o.get("scheme"), str)
-            for o in overrides
-        ):
-            raise FormatError("quantization_config.overrides must be a list of {'pattern': ..., 'scheme': ...}")
-        fallback = data.get("fallback") or []
-        if not isinstance(fallback, list):
-            raise FormatError("quantization_config.fallback must be a list")
         default = data.get("default_scheme")
         if not isinstance(default, str):
             raise FormatError("quantization_config.default_scheme must name one of 'schemes'")
         return cls(
             format_version=version,
-            schemes={str(name): Scheme.from_dict(s) for name, s in schemes.items()},
+            schemes={name: Scheme.from_dict(s, f"quantization_config.schemes.{name}") for name, s in schemes.items()},
             default_scheme=default,
-            overrides=tuple((o["pattern"], o["scheme"]) for o in overrides),
-            fallback=tuple(FallbackEntry.from_dict(f) for f in fallback),
-            fused_groups=tuple(tuple(g) for g in data.get("fused_groups") or ()),
-            provenance=dict(data.get("provenance") or {}),
-            statistics=dict(data.get("statistics") or {}),
-            evaluation=data.get("evaluation"),
-            fallback_search=data.get("fallback_search"),
+            overrides=_overrides(data.get("overrides", [])),
+            fallback=tuple(FallbackEntry.from_dict(f, f"quantization_config.fallback[{i}]")
+                           for i, f in enumerate(list_at(data.get("fallback", []), "quantization_config.fallback"))),
+            fused_groups=_fused_groups(data.get("fused_groups", [])),
+            provenance=_provenance(data.get("provenance", {})),
+            statistics=_statistics(data.get("statistics", {})),
+            evaluation=_evaluation(data.get("evaluation")),
+            fallback_search=object_at(data.get("fallback_search"), "quantization_config.fallback_search", nullable=True),
         )
+
+
+# -- typed parsing of the keys docs/FORMAT.md section 3 and 11 define ----------------------------------------------
+
+
+def _overrides(value: Any) -> tuple[tuple[str, str], ...]:
+    rules = []
+    for i, item in enumerate(list_at(value, "quantization_config.overrides")):
+        where = f"quantization_config.overrides[{i}]"
+        object_at(item, where)
+        rules.append((str_at(item.get("pattern"), f"{where}.pattern"), str_at(item.get("scheme"), f"{where}.scheme")))
+    return tuple(rules)
+
+
+def _fused_groups(value: Any) -> FusedGroups:
+    groups = []
+    for i, group in enumerate(list_at(value, "quantization_config.fused_groups")):
+        members = list_at(group, f"quantization_config.fused_groups[{i}]")
+        groups.append(tuple(str_at(m, f"quantization_config.fused_groups[{i}][{j}]") for j, m in enumerate(members)))
+    return tuple(groups)
+
+
+def _string_map(value: Any, where: str) -> dict[str, str]:
+    mapping = object_at(value, where)
+    for key, item in mapping.items():
+        str_at(item, f"{where}[{key!r}]")
+    return dict(mapping)
+
+
+#: provenance.source keys and their types: (kind, nullable).
+_SOURCE_KEYS = {"repo_id": "str", "revision": "str", "base_model": "str", "format": "str", "parameters": "int",
+                "bytes": "int"}
+_READERS = {"str": str_at, "int": int_at, "number": number_at, "object": object_at, "list": list_at}
+
+
+def _typed_keys(mapping: dict[str, Any], types: dict[str, str], where: str) -> None:
+    """Check the type of each key of `types` present in `mapping` (null allowed)."""
+    for key, kind in types.items():
+        if key in mapping:
+            _READERS[kind](mapping[key], f"{where}.{key}", nullable=True)
+
+
+def _provenance(value: Any) -> dict[str, Any]:
+    where = "quantization_config.provenance"
+    provenance = object_at(value, where)
+    _typed_keys(provenance, {"qformat_version": "str", "command": "str", "options": "object"}, where)
+    if provenance.get("environment") is not None:
+        _string_map(provenance["environment"], f"{where}.environment")
+    source = object_at(provenance.get("source"), f"{where}.source", nullable=True)
+    if source is not None:
+        _typed_keys(source, _SOURCE_KEYS, f"{where}.source")
+        skipped = list_at(source.get("skipped_weight_files"), f"{where}.source.skipped_weight_files", nullable=True)
+        for i, name in enumerate(skipped or []):
+            str_at(name, f"{where}.source.skipped_weight_files[{i}]")
+    if "tensor_hashes" in provenance:
+        _string_map(provenance["tensor_hashes"], f"{where}.tensor_hashes")
+    imported = object_at(provenance.get("imported_from"), f"{where}.imported_from", nullable=True)
+    if imported is not None:
+        _typed_keys(imported, {"format": "str", "compressed_tensors_version": "str", "formats": "list",
+                               "sparse_2_4": "list", "sparse_2_4_kept_dense": "object"}, f"{where}.imported_from")
+    return dict(provenance)
+
+
+def _statistics(value: Any) -> dict[str, Any]:
+    where = "quantization_config.statistics"
+    statistics = object_at(value, where)
+    _typed_keys(statistics, {"linear_modules": "int", "quantized_modules": "int", "checkpoint_bytes": "int"}, where)
+    modules = object_at(statistics.get("modules"), f"{where}.modules", nullable=True)
+    for name, entry in (modules or {}).items():
+        entry_where = f"{where}.modules[{name!r}]"
+        object_at(entry, entry_where)
+        _typed_keys(entry, {"scheme": "str", "observer": "str", "rel_error": "number", "rel_quant_error": "number"},
+                    entry_where)
+    return dict(statistics)
+
+
+def _evaluation(value: Any) -> list[dict[str, Any]] | None:
+    results = list_at(value, "quantization_config.evaluation", nullable=True)
+    for i, result in enumerate(results or []):
+        object_at(result, f"quantization_config.evaluation[{i}]")
+    return results

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from qformat.errors import FormatError, OptionError
+from qformat.spec._typed import bool_at, int_at, object_at, short, str_at
 
 __all__ = [
     "BUILTIN_SCHEMES",
@@ -52,6 +53,9 @@ class QuantArgs:
             raise FormatError("format v1 is symmetric only (no zero points)")
         if self.strategy == "token" and not self.dynamic:
             raise FormatError("per-token activation quantization must be dynamic")
+        if self.strategy == "tensor" and self.dynamic:
+            raise FormatError("per-tensor activation quantization must be static (dynamic false): format v1 has "
+                              "dynamic per-token or static per-tensor activation scales")
 
     @property
     def torch_dtype_name(self) -> str:
@@ -68,14 +72,18 @@ class QuantArgs:
         }
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> QuantArgs:
-        if not isinstance(data, dict):
-            raise FormatError(f"quantization args must be an object, got {type(data).__name__}")
-        known = {"type", "num_bits", "strategy", "symmetric", "dynamic"}
+    def from_dict(cls, data: Any, where: str = "quantization args") -> QuantArgs:
+        """Parse compressed-tensors-style args; every field must have its JSON type (`"false"` is not a bool)."""
+        object_at(data, where)
+        type_ = str_at(data.get("type"), f"{where}.type")
+        strategy = str_at(data.get("strategy"), f"{where}.strategy")
+        num_bits = int_at(data.get("num_bits", 8), f"{where}.num_bits")
+        flags = {key: bool_at(data.get(key, default), f"{where}.{key}")
+                 for key, default in (("symmetric", True), ("dynamic", False))}
         try:
-            return cls(**{k: v for k, v in data.items() if k in known})
-        except TypeError as exc:
-            raise FormatError(f"quantization args {data!r} are incomplete: {exc}") from None
+            return cls(type=type_, num_bits=num_bits, strategy=strategy, **flags)
+        except FormatError as exc:
+            raise FormatError(f"{where}: {exc}") from None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -109,15 +117,18 @@ class Scheme:
         }
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Scheme:
+    def from_dict(cls, data: Any, where: str = "scheme") -> Scheme:
+        """Parse `{"weights", "input_activations", "sparsity"}`; `where` names the scheme in errors."""
         if not isinstance(data, dict) or "weights" not in data:
-            raise FormatError(f"a scheme must be an object with 'weights', got {data!r}")
+            raise FormatError(f"{where} must be an object with 'weights', got {short(data)}")
         act = data.get("input_activations")
-        return cls(
-            weights=QuantArgs.from_dict(data["weights"]),
-            input_activations=None if act is None else QuantArgs.from_dict(act),
-            sparsity=data.get("sparsity"),
-        )
+        sparsity = str_at(data.get("sparsity"), f"{where}.sparsity", nullable=True)
+        weights = QuantArgs.from_dict(data["weights"], f"{where}.weights")
+        acts = None if act is None else QuantArgs.from_dict(act, f"{where}.input_activations")
+        try:
+            return cls(weights=weights, input_activations=acts, sparsity=sparsity)
+        except FormatError as exc:
+            raise FormatError(f"{where}: {exc}") from None
 
     def with_sparsity(self, sparsity: str | None) -> Scheme:
         return Scheme(weights=self.weights, input_activations=self.input_activations, sparsity=sparsity)
@@ -169,5 +180,6 @@ def scheme_name_for(scheme: Scheme) -> str:
         if builtin == dense:
             return name + suffix
     act = scheme.input_activations
-    assert act is not None and not act.dynamic  # every other combination is built in
+    if act is None or act.dynamic:  # every valid scheme of this kind is built in
+        raise FormatError(f"scheme {scheme.to_dict()} is not a format v1 scheme; fix the checkpoint's config")
     return ("w8a8-int8-static" if scheme.weights.type == "int" else "fp8-static") + suffix
