@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from qformat.errors import CorruptCheckpointError, FormatError
 from qformat.io.index import INDEX_FILE, read_weight_index
+from qformat.io.jsonfile import load_json
 from qformat.io.safetensors_format import HeaderEntry, SafetensorsHeader, read_header
+from qformat.spec._typed import list_at, str_at
 from qformat.spec.config import QFormatConfig
 
 __all__ = ["QFormatCheckpoint", "open_checkpoint"]
@@ -65,15 +66,18 @@ class QFormatCheckpoint:
 
 
 def _read_config(folder: Path) -> tuple[dict[str, Any], QFormatConfig]:
+    """config.json (read with the untrusted-JSON limits) and its parsed quantization_config; the top-level keys
+    qformat's tools read (`architectures`, `model_type`, `dtype`) must have their JSON types."""
     path = folder / "config.json"
     if not path.is_file():
         raise FormatError(f"{folder} has no config.json; it is not a model folder")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise FormatError(f"config.json is not valid JSON ({exc})") from None
+    config = load_json(path, error=FormatError)
     if not isinstance(config, dict) or "quantization_config" not in config:
         raise FormatError("config.json has no quantization_config; this is not a qformat checkpoint")
+    for i, arch in enumerate(list_at(config.get("architectures"), "config.json architectures", nullable=True) or []):
+        str_at(arch, f"config.json architectures[{i}]")
+    for key in ("model_type", "dtype", "torch_dtype"):
+        str_at(config.get(key), f"config.json {key}", nullable=True)
     return config, QFormatConfig.from_dict(config["quantization_config"])
 
 

@@ -11,15 +11,17 @@ from __future__ import annotations
 import contextlib
 import logging
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from qformat.errors import UnsupportedModelError
+from qformat.errors import FormatError, QFormatError, SourceError, UnsupportedModelError
+from qformat.io.jsonfile import load_json
 
-__all__ = ["LinearModule", "ModelStructure", "analyze_structure"]
+__all__ = ["LAYER_COUNT_KEYS", "LAYER_COUNT_SLACK", "LinearModule", "ModelStructure", "analyze_structure"]
 
 logger = logging.getLogger(__name__)
 
@@ -65,17 +67,17 @@ def _quiet_transformers() -> Iterator[None]:
         hf_logging.set_verbosity(level)
 
 
-def _load_config(folder: Path, *, quantized: bool = False):  # -> transformers.PretrainedConfig
-    import json
-
-    from transformers import AutoConfig
-
-    try:
-        raw = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UnsupportedModelError(f"config.json cannot be read ({exc}); fix or re-download it") from None
+def _read_raw_config(folder: Path) -> dict[str, Any]:
+    """config.json as a dict, read with the untrusted-JSON limits."""
+    raw = load_json(folder / "config.json", error=UnsupportedModelError)
     if not isinstance(raw, dict):
         raise UnsupportedModelError("config.json is not a JSON object; fix or re-download it")
+    return raw
+
+
+def _load_config(folder: Path, raw: dict[str, Any], *, quantized: bool = False):  # -> transformers.PretrainedConfig
+    from transformers import AutoConfig
+
     if raw.get("quantization_config") and not quantized:
         method = raw["quantization_config"].get("quant_method", "unknown") if isinstance(raw["quantization_config"], dict) else "unknown"
         raise UnsupportedModelError(
@@ -95,10 +97,70 @@ def _load_config(folder: Path, *, quantized: bool = False):  # -> transformers.P
             raise UnsupportedModelError(
                 f"model_type {model_type!r} needs custom code from its repo (auto_map); qformat does not run remote code"
             ) from None
+        if isinstance(model_type, str) and model_type in _known_model_types():
+            raise UnsupportedModelError(
+                f"transformers {transformers.__version__} refuses this config.json ({_first_line(exc)}); fix config.json"
+            ) from None
         raise UnsupportedModelError(
             f"unknown architecture: transformers {transformers.__version__} does not know model_type {model_type!r} "
-            f"({str(exc).splitlines()[0][:120]}); upgrade transformers or convert a supported model"
+            f"({_first_line(exc)}); upgrade transformers or convert a supported model"
         ) from None
+    except Exception as exc:  # config classes raise anything (TypeError, AttributeError) on values of the wrong type
+        raise UnsupportedModelError(
+            f"transformers cannot read this config.json ({type(exc).__name__}: {_first_line(exc)}); fix config.json"
+        ) from None
+
+
+def _known_model_types() -> set[str]:
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    return set(CONFIG_MAPPING_NAMES)
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return (lines[0] if lines else type(exc).__name__)[:160]
+
+
+#: config.json keys (at any nesting level, e.g. text_config) whose value is a number of numbered layers or experts,
+#: i.e. of repeated modules the model builds: the work of building the model grows with them.
+LAYER_COUNT_KEYS = frozenset({
+    "num_hidden_layers", "num_layers", "n_layer", "n_layers", "encoder_layers", "decoder_layers",
+    "num_encoder_layers", "num_decoder_layers", "num_local_experts", "n_routed_experts", "num_experts",
+})
+#: A layer count up to this is built even when the weights number fewer layers (ALBERT shares one layer group across
+#: `num_hidden_layers`); building this many layers on the meta device takes about a second.
+LAYER_COUNT_SLACK = 256
+
+
+def _numbered_extent(names: Iterable[str]) -> int:
+    """The number of layers tensor names hold: the largest integer path component + 1 (0 if none)."""
+    return max((int(part) + 1 for name in names for part in name.split(".") if part.isdigit() and len(part) < 10),
+               default=0)
+
+
+def _layer_counts(raw: Any, path: str = "") -> Iterator[tuple[str, Any]]:
+    """Every (key path, value) of `raw` whose key is a layer count, at any nesting level."""
+    stack = [(raw, path)]
+    while stack:
+        node, where = stack.pop()
+        if isinstance(node, dict):
+            for key, value in node.items():
+                at = f"{where}.{key}" if where else str(key)
+                if key in LAYER_COUNT_KEYS:
+                    yield at, value
+                stack.append((value, at))
+        elif isinstance(node, list):
+            stack.extend((item, f"{where}[{i}]") for i, item in enumerate(node))
+
+
+def _check_layer_counts(raw: dict[str, Any], shapes: Mapping[str, tuple[int, ...]], error: type[QFormatError]) -> None:
+    """Refuse, before building anything, a config that asks for more layers than the weights hold."""
+    held = _numbered_extent(shapes)
+    for where, value in _layer_counts(raw):
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value > max(held, LAYER_COUNT_SLACK):
+            raise error(f"config.json says {where}={value} but the weights hold {held} layers; fix config.json or "
+                        "re-download the model")
 
 
 def _build_meta_model(config) -> torch.nn.Module:  # config: transformers.PretrainedConfig
@@ -157,6 +219,43 @@ def _key_renamer(model: torch.nn.Module):
     return rename
 
 
+#: Tensor suffixes of a quantized Linear module that are not parameters of the unquantized model.
+_QUANTIZED_SUFFIXES = frozenset({"weight_scale", "input_scale", "compressed", "bitmask", "shape", "weight_packed",
+                                 "weight_shape", "weight_zero_point", "input_zero_point"})
+
+
+def _check_against_model(model: torch.nn.Module, modules: Mapping[str, torch.nn.Module],
+                         shapes: Mapping[str, tuple[int, ...]], rename, error: type[QFormatError], *,
+                         quantized: bool) -> None:
+    """The weights must fit the model config.json builds: every stored parameter or buffer has the model's shape,
+    a Linear module stores no tensor it does not have (a `.bias` where it has none), and the model numbers no more
+    layers than the weights hold. transformers would otherwise fail to load the weights, or drop or re-initialize
+    some of them without an error."""
+    expected = {name: tuple(t.shape) for name, t in model.state_dict(keep_vars=True).items()}
+    for key, shape in shapes.items():
+        renamed, converted = rename(key)
+        module_name, _, suffix = renamed.rpartition(".")
+        if converted:
+            continue
+        module = modules.get(module_name)
+        if isinstance(module, torch.nn.Linear):
+            if quantized and suffix in _QUANTIZED_SUFFIXES:
+                continue
+            if suffix not in ("weight", "bias") or (suffix == "bias" and module.bias is None):
+                raise error(f"{key}: {type(model).__name__} has no such tensor ({module_name} is a Linear without "
+                            f"{'a bias' if suffix == 'bias' else suffix!r}); transformers would drop it, so the "
+                            "model would differ from the checkpoint. Fix the checkpoint or its config.json")
+        want = expected.get(renamed)
+        if want is not None and tuple(shape) != want:
+            raise error(f"{key} is {list(shape)} in the weights but config.json makes it {list(want)}; the config "
+                        "and the weights disagree (fix config.json or re-download the model)")
+    built = _numbered_extent(name for name, _ in model.named_parameters())
+    held = _numbered_extent(rename(key)[0] for key in shapes)
+    if built > held:
+        raise error(f"config.json builds {built} numbered layers but the weights hold {held}; fix config.json or "
+                    "re-download the model")
+
+
 def _refuse_fused_experts(model: torch.nn.Module, model_type: str) -> None:
     for name, param in model.named_parameters():
         if param.dim() >= 3 and ".experts" in f".{name}":
@@ -171,13 +270,17 @@ def analyze_structure(folder: Path, shapes: Mapping[str, tuple[int, ...]], *,
     """Build the model of `folder`'s config.json on meta and find every Linear module and its weight among the
     checkpoint tensors `shapes` (name -> shape, in checkpoint order). `quantized=True` accepts a config that has a
     quantization_config (to check a converted checkpoint's structure)."""
-    config = _load_config(folder, quantized=quantized)
+    error = FormatError if quantized else SourceError
+    raw = _read_raw_config(folder)
+    _check_layer_counts(raw, shapes, error)
+    config = _load_config(folder, raw, quantized=quantized)
     model = _build_meta_model(config)
     model_type = getattr(config, "model_type", "") or ""
     _refuse_fused_experts(model, model_type)
     modules = dict(model.named_modules())
     linear_names = [n for n, m in modules.items() if isinstance(m, torch.nn.Linear)]
     rename = _key_renamer(model)
+    _check_against_model(model, modules, shapes, rename, error, quantized=quantized)
 
     # model module name -> (checkpoint module name, checkpoint key)
     found: dict[str, tuple[str, str]] = {}

@@ -164,11 +164,11 @@ class QFormatConfig:
         if not isinstance(version, int) or isinstance(version, bool):
             raise FormatError(f"quantization_config.format_version must be an integer, got {short(version)}")
         if version != FORMAT_VERSION:
-            from qformat._version import __version__
+            from qformat._version import DISTRIBUTION, __version__
 
             raise UnsupportedFormatVersionError(
                 f"this checkpoint uses qformat format version {version}, but qformat {__version__} reads version "
-                f"{FORMAT_VERSION} only; upgrade qformat (pip install -U qformat)"
+                f"{FORMAT_VERSION} only; upgrade qformat (pip install -U {DISTRIBUTION})"
             )
         schemes = data.get("schemes")
         if not isinstance(schemes, dict) or not schemes:
