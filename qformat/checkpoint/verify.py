@@ -138,13 +138,17 @@ def _check_hashes(ckpt: QFormatCheckpoint) -> int:
 
 
 def _check_structure(ckpt: QFormatCheckpoint, quantized: list[str]) -> tuple[int | None, str]:
-    """Build the model on meta: every Linear must be quantized or in the fallback list, and the list names Linears."""
+    """Build the model on meta: every Linear must be quantized or in the fallback list, and the list names Linears.
+
+    A checkpoint the installed transformers cannot build (unknown model_type, a config it refuses, config sizes
+    that disagree with the stored tensors) cannot be loaded, so it fails verification.
+    """
     from qformat.errors import UnsupportedModelError
 
     try:
         structure = ckpt.structure()
     except UnsupportedModelError as exc:
-        return None, f"model structure not checked: {exc}"
+        raise FormatError(f"transformers cannot load this checkpoint: {exc}") from None
     fallback = ckpt.qconfig.fallback_modules
     quantized_set = set(quantized)
     for name in structure.linears:
