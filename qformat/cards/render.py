@@ -175,9 +175,7 @@ def render_card(folder: str | Path, *, repo_id: str | None = None) -> str:
 
 def write_card(folder: str | Path, *, repo_id: str | None = None) -> Path:
     """Write the rendered card to `folder`/README.md (replacing the source card, which it carries over)."""
-    path = Path(folder) / "README.md"
+    from qformat.io.atomic import write_file_atomic  # never writes through a link planted in the folder
+
     text = render_card(folder, repo_id=repo_id)
-    tmp = path.with_name(".README.md.qformat-tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
-    return path
+    return write_file_atomic(folder, "README.md", text.encode("utf-8"))
