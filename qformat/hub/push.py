@@ -4,20 +4,25 @@ The checkpoint folder is never modified: the card is rendered in memory and uplo
 already has a README that passes `qformat card --check` (or the user says `--keep-card`). Everything goes in a single
 `create_commit` (`upload_folder` may split a large folder into several commits), so a push is atomic on the Hub; files
 the Hub already has with the same content are skipped by the client, so pushing an unchanged folder makes no commit.
-Remote files are never deleted unless `delete_extra` is given. The token is whatever huggingface_hub resolves
-(`token=`, HF_TOKEN, the stored login) and never appears in output or errors.
+Only regular files that lie inside the folder are uploaded: a symlink (wherever it points) or a special file in it
+is refused, naming it, before anything is read or sent. Remote files are never deleted unless `delete_extra` is
+given. The token is whatever huggingface_hub resolves (`token=`, HF_TOKEN, the stored login) and never appears in
+output or errors.
 """
 
 from __future__ import annotations
 
+import os
+import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from qformat._version import __version__
 from qformat.cards import check_card, render_card
 from qformat.checkpoint.verify import verify
-from qformat.errors import FormatError, QFormatError
+from qformat.errors import FormatError, OptionError, QFormatError
 
 __all__ = ["HubError", "PushResult", "push"]
 
@@ -98,12 +103,41 @@ def _retrying(call):
 
 
 def _local_files(folder: Path) -> list[str]:
-    files = []
-    for path in sorted(folder.rglob("*")):
-        rel = path.relative_to(folder)
-        if path.is_file() and not any(part in _SKIP_DIRS for part in rel.parts):
-            files.append(rel.as_posix())
-    return files
+    """The files to upload (relative, sorted): every regular file under `folder`, without following links.
+
+    Raises:
+        FormatError: a symlink (to a file or a folder, wherever it points) or a file that is not a regular file,
+            named in the message. Nothing is skipped silently except the tool folders in `_SKIP_DIRS`.
+    """
+    files: list[str] = []
+    for root, dirs, names in os.walk(folder):  # followlinks=False: a linked folder is listed, never entered
+        rel_root = Path(root).relative_to(folder)
+        dirs[:] = sorted(d for d in dirs if d not in _SKIP_DIRS)
+        for name in dirs + sorted(n for n in names if n not in _SKIP_DIRS):
+            mode = os.lstat(os.path.join(root, name)).st_mode
+            if stat.S_ISLNK(mode) or not (stat.S_ISDIR(mode) or stat.S_ISREG(mode)):
+                what = "a symlink" if stat.S_ISLNK(mode) else "not a regular file"
+                raise FormatError(f"refusing to push: {(rel_root / name).as_posix()} in {folder} is {what}; a push "
+                                  "uploads only regular files that lie inside the folder: replace it with the file "
+                                  "itself or remove it")
+            if stat.S_ISREG(mode):
+                files.append((rel_root / name).as_posix())
+    return sorted(files)
+
+
+def _check_endpoint(endpoint: str | None) -> None:
+    """Refuse an endpoint that is not an http(s) URL with a host (`--endpoint`, else HF_ENDPOINT) before any request."""
+    from huggingface_hub import constants
+
+    url, where = (endpoint, "--endpoint") if endpoint is not None else (constants.ENDPOINT, "HF_ENDPOINT")
+    try:
+        parts = urlsplit(url)
+        valid = parts.scheme in ("http", "https") and bool(parts.hostname) and parts.port != 0
+    except ValueError:  # an unclosed IPv6 bracket, a port that is not a number or out of range
+        valid = False
+    if not valid or any(c.isspace() or not c.isprintable() for c in url):
+        raise OptionError(f"{where} {url!r} is not a Hub URL; give one such as https://huggingface.co "
+                          "(http or https, with a host name)")
 
 
 def push(folder: str | Path, repo_id: str, *, private: bool = False, revision: str | None = None,
@@ -112,20 +146,23 @@ def push(folder: str | Path, repo_id: str, *, private: bool = False, revision: s
     """Upload the checkpoint in `folder` to the Hub repo `repo_id` (created if missing) in one commit.
 
     Raises:
-        FormatError: the checkpoint fails `qformat verify` (nothing is uploaded).
+        OptionError: the endpoint is not an http(s) URL with a host.
+        FormatError: the folder holds a symlink or a special file, or the checkpoint fails `qformat verify` (nothing
+            is uploaded).
         HubError: authentication, permission, revision or network problems, each with what to do.
     """
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
     from huggingface_hub.errors import HFValidationError
 
+    _check_endpoint(endpoint)
     folder = Path(folder)
+    files = _local_files(folder)
     try:
         verify(folder)
     except FormatError as exc:
         raise FormatError(f"refusing to push a checkpoint that fails verification: {exc}") from None
-    readme = folder / "README.md"
-    if readme.is_file() and (keep_card or not check_card(folder)):
-        card, card_kind = readme.read_bytes(), "kept"
+    if "README.md" in files and (keep_card or not check_card(folder)):
+        card, card_kind = (folder / "README.md").read_bytes(), "kept"
     else:
         card, card_kind = render_card(folder, repo_id=repo_id).encode("utf-8"), "generated"
     from huggingface_hub import get_token
@@ -138,7 +175,7 @@ def push(folder: str | Path, repo_id: str, *, private: bool = False, revision: s
         url = _retrying(lambda: api.create_repo(repo_id, private=private, exist_ok=True))
         before = _retrying(lambda: api.repo_info(repo_id, revision=revision).sha)
         operations: list = [CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(folder / rel))
-                            for rel in _local_files(folder) if rel != "README.md"]
+                            for rel in files if rel != "README.md"]
         operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card))
         if delete_extra:
             local = {op.path_in_repo for op in operations}
