@@ -2,7 +2,7 @@
 call by the number of tokens. `trace_paths()` records which path ran."""
 
 from qformat.kernels._trace import record_path, trace_paths
-from qformat.kernels.activations import fake_quantize, quantize_per_tensor, quantize_per_token
+from qformat.kernels.activations import fake_quantize, per_tensor_scales, quantize_per_tensor, quantize_per_token
 from qformat.kernels.fp8 import Fp8Linear, fp8_reference, scaled_mm_supported
 from qformat.kernels.int8_dynamic import CPU_WEIGHT_LEFT_MAX_TOKENS, Int8Dynamic, int8_dynamic_reference
 from qformat.kernels.int8_weight_only import (
@@ -29,6 +29,7 @@ __all__ = [
     "fp8_reference",
     "int8_dynamic_reference",
     "int8_weight_only_reference",
+    "per_tensor_scales",
     "quantize_per_tensor",
     "quantize_per_token",
     "record_path",

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from qformat.kernels._trace import record_path
-from qformat.kernels.activations import quantize_per_tensor, quantize_per_token
+from qformat.kernels.activations import per_tensor_scales, quantize_per_tensor, quantize_per_token
 
 __all__ = ["CPU_WEIGHT_LEFT_MAX_TOKENS", "Int8Dynamic", "int8_dynamic_reference"]
 
@@ -32,7 +32,7 @@ CPU_WEIGHT_LEFT_MAX_TOKENS = 256
 def _quantize(x: torch.Tensor, input_scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     if input_scale is None:
         return quantize_per_token(x, "int")
-    return quantize_per_tensor(x, input_scale, "int"), input_scale.to(torch.float32).reshape(1, 1)
+    return quantize_per_tensor(x, input_scale, "int"), per_tensor_scales(x, input_scale)
 
 
 def _finish(acc: torch.Tensor, x_scale: torch.Tensor, w_scale_row: torch.Tensor, bias: torch.Tensor | None,

@@ -2,7 +2,10 @@
 
 Both work on one block of whole rows at a time (fp32, [rows, in]) and return one float32 scale per row. A scale is
 always finite and positive: a row of zeros (or one whose absmax underflows when divided) gets scale 1.0, which
-quantizes it to zeros exactly.
+quantizes it to zeros exactly, and a scale is never below the smallest normal fp32 number (`MIN_SCALE`): a
+subnormal scale is rounded so coarsely that w / s could exceed qmax (int8 would wrap around), while with a normal
+scale |w / s| <= qmax up to fp32 rounding, so every stored value is in range and FORMAT.md section 8's bound holds
+for every finite weight.
 """
 
 from __future__ import annotations
@@ -11,13 +14,28 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["DEFAULT_MSE", "OBSERVERS", "QMAX", "MseParams", "absmax_scales", "fp8_to_float32", "mse_scales", "quantize_block_"]
+__all__ = [
+    "DEFAULT_MSE",
+    "MIN_SCALE",
+    "OBSERVERS",
+    "QMAX",
+    "MseParams",
+    "absmax_scales",
+    "fp8_has_nan",
+    "fp8_to_float32",
+    "mse_scales",
+    "quantize_block_",
+    "scales_valid",
+]
 
 #: Largest stored magnitude per value type: qformat writes int8 in [-127, 127] (symmetric, so -x is representable)
 #: and e4m3fn values up to its largest finite number, 448.
 QMAX = {"int": 127.0, "float": 448.0}
 
 OBSERVERS = ("absmax", "mse")
+
+#: The smallest scale the observers give a nonzero row: the smallest normal fp32 number, 2^-126.
+MIN_SCALE = torch.finfo(torch.float32).tiny
 
 
 @dataclass(frozen=True)
@@ -47,7 +65,25 @@ def fp8_to_float32(values: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
 
 
 def _positive(scales: torch.Tensor) -> torch.Tensor:
-    return torch.where(scales > 0, scales, torch.ones_like(scales))
+    """The zero rule (a scale that is not > 0 becomes 1.0) and the floor at `MIN_SCALE` for the others."""
+    return torch.where(scales > 0, scales.clamp_min(MIN_SCALE), torch.ones_like(scales))
+
+
+def scales_valid(scales: torch.Tensor) -> torch.Tensor:
+    """0-dim bool tensor on `scales`' device: every scale is finite and > 0 (what the format allows; NaN fails)."""
+    return ((scales > 0) & (scales < float("inf"))).all()
+
+
+def fp8_has_nan(values: torch.Tensor) -> torch.Tensor:
+    """0-dim bool tensor: some e4m3fn element of `values` is NaN (bit pattern 0x7F or 0xFF).
+
+    Two max reductions over the bytes and no temporary of the tensor's size: 0x7F is the largest int8 and 0xFF the
+    largest uint8, and every other code is smaller in both readings.
+    """
+    raw = values.reshape(-1).view(torch.uint8)
+    if raw.numel() == 0:
+        return torch.zeros((), dtype=torch.bool, device=values.device)
+    return (raw.amax() == 0xFF) | (raw.view(torch.int8).amax() == 0x7F)
 
 
 def absmax_scales(absmax: torch.Tensor, qtype: str) -> torch.Tensor:
