@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -9,14 +12,16 @@ from typing import Any
 from qformat.errors import CorruptCheckpointError, FormatError
 from qformat.io.index import INDEX_FILE, read_weight_index
 from qformat.io.jsonfile import load_json
-from qformat.io.safetensors_format import HeaderEntry, SafetensorsHeader, read_header
+from qformat.io.safetensors_format import HeaderEntry, SafetensorsHeader, open_tensor_data, read_header, read_into
 from qformat.spec._typed import list_at, str_at
 from qformat.spec.config import QFormatConfig
 
-__all__ = ["QFormatCheckpoint", "open_checkpoint"]
+__all__ = ["QFormatCheckpoint", "format_errors", "open_checkpoint"]
 
 _SINGLE = "model.safetensors"
 _QUANTIZED_MARKER = ".weight_scale"
+# safetensors allows dimensions up to 2**64 - 1 (in a zero-size tensor); torch sizes are signed 64-bit.
+_TORCH_MAX_DIM = 2**63 - 1
 
 
 @dataclass(frozen=True)
@@ -57,12 +62,37 @@ class QFormatCheckpoint:
         return analyze_structure(self.folder, shapes, quantized=True)
 
     def load(self, name: str):  # -> torch.Tensor
-        """Read one tensor (a copy) with safetensors itself."""
-        from safetensors import safe_open
+        """Read one tensor (a copy in fresh memory) from the byte range its already-parsed header gives.
 
-        file, _ = self.tensors[name]
-        with safe_open(self.folder / file, framework="pt") as fh:
-            return fh.get_tensor(name)
+        The file is not parsed again (safetensors' `safe_open` would re-read the whole header for every tensor) nor
+        memory-mapped (a file that shrinks would kill the process with SIGBUS); a file that changed since its header
+        was read raises `FormatError`.
+        """
+        import torch
+
+        from qformat.io.source import TORCH_DTYPES
+
+        file, entry = self.tensors[name]
+        if any(d > _TORCH_MAX_DIM for d in entry.shape):
+            raise FormatError(f"{name}: shape {list(entry.shape)} has a dimension torch cannot represent")
+        data = torch.empty(entry.nbytes, dtype=torch.uint8)
+        if entry.nbytes:
+            with format_errors():
+                fd = open_tensor_data(self.headers[file])
+                try:
+                    read_into(fd, self.headers[file].path, entry.start, memoryview(data.numpy()))
+                finally:
+                    os.close(fd)
+        return data.view(TORCH_DTYPES[entry.dtype]).reshape(entry.shape)
+
+
+@contextmanager
+def format_errors() -> Iterator[None]:
+    """Report a weight file that cannot be read, or changed since its header was parsed, as a `FormatError`."""
+    try:
+        yield
+    except CorruptCheckpointError as exc:
+        raise FormatError(str(exc)) from None
 
 
 def _read_config(folder: Path) -> tuple[dict[str, Any], QFormatConfig]:
@@ -83,10 +113,8 @@ def _read_config(folder: Path) -> tuple[dict[str, Any], QFormatConfig]:
 
 def _weight_files(folder: Path) -> tuple[tuple[str, ...], dict[str, str] | None]:
     if (folder / INDEX_FILE).is_file():
-        try:
+        with format_errors():
             weight_map, files = read_weight_index(folder, INDEX_FILE)
-        except CorruptCheckpointError as exc:
-            raise FormatError(str(exc)) from None
         return tuple(files), weight_map
     if (folder / _SINGLE).is_file():
         return (_SINGLE,), None
@@ -107,10 +135,8 @@ def open_checkpoint(folder: str | Path) -> QFormatCheckpoint:
     headers: dict[str, SafetensorsHeader] = {}
     tensors: dict[str, tuple[str, HeaderEntry]] = {}
     for file in files:
-        try:
-            header = read_header(folder / file)
-        except CorruptCheckpointError as exc:
-            raise FormatError(str(exc)) from None
+        with format_errors():
+            header = read_header(folder / file, tensors_before=len(tensors))
         headers[file] = header
         for entry in sorted(header.tensors.values(), key=lambda e: e.start):
             if entry.name in tensors:

@@ -12,21 +12,24 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import mmap
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from qformat.checkpoint.reader import QFormatCheckpoint, open_checkpoint
+from qformat.checkpoint.reader import QFormatCheckpoint, format_errors, open_checkpoint
 from qformat.errors import FormatError
+from qformat.io.safetensors_format import iter_tensor_chunks, open_tensor_data
 from qformat.spec.layout import TensorSpec, module_tensors, shape_problem
 
 __all__ = ["VerifyReport", "verify"]
 
 _FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
+# Bytes read per step when hashing a tensor: large enough that sha256 runs without the GIL, small enough per thread.
+_HASH_CHUNK = 8 * 2**20
 
 
 @dataclass(frozen=True)
@@ -118,22 +121,31 @@ def _check_hashes(ckpt: QFormatCheckpoint) -> int:
     extra = sorted(set(ckpt.tensors) - set(recorded))
     if extra:
         raise _fail(extra[0], "is in the weight files but not in provenance.tensor_hashes")
-    with contextlib.ExitStack() as stack:
-        maps = {}
+    names = sorted(recorded, key=lambda n: (ckpt.tensors[n][0], ckpt.tensors[n][1].start))
+    with contextlib.ExitStack() as stack, format_errors():
+        fds: dict[str, int] = {}
         for file in ckpt.files:
-            fh = stack.enter_context(open(ckpt.folder / file, "rb"))
-            maps[file] = stack.enter_context(mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ))
+            fds[file] = open_tensor_data(ckpt.headers[file])
+            stack.callback(os.close, fds[file])
+        buffers = threading.local()
 
         def digest(name: str) -> str:
             file, entry = ckpt.tensors[name]
-            return "sha256:" + hashlib.sha256(memoryview(maps[file])[entry.start : entry.end]).hexdigest()
+            if not hasattr(buffers, "chunk"):
+                buffers.chunk = memoryview(bytearray(_HASH_CHUNK))
+            sha = hashlib.sha256()
+            for chunk in iter_tensor_chunks(fds[file], ckpt.headers[file].path, entry, buffers.chunk):
+                sha.update(chunk)
+            return "sha256:" + sha.hexdigest()
 
-        # sha256 releases the GIL on large buffers: one thread per core hashes (and pages in) tensors in parallel.
-        names = sorted(recorded, key=lambda n: (ckpt.tensors[n][0], ckpt.tensors[n][1].start))
-        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        # Positional reads and sha256 both release the GIL: one thread per core reads and hashes tensors in parallel.
+        pool = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1))
+        try:
             for name, found in zip(names, pool.map(digest, names)):
                 if found != recorded[name]:
                     raise _fail(name, "content hash differs from provenance.tensor_hashes (the file was modified)")
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)  # after the first problem, hash nothing more
     return len(recorded)
 
 
