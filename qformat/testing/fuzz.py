@@ -19,7 +19,8 @@ Outcomes of one API on one case (`BAD` holds the ones that are bugs):
 
 Notes that are counted but are not failures: ``lenient`` (``load`` gave finite logits, equal to the unmutated base's,
 for a checkpoint ``verify`` refused), ``wrong`` (the same, but the logits differ from the base's: a silently wrong
-model), ``card_raw`` (an injected ``<script>QFUZZ`` string reached the rendered card unescaped).
+model), ``card_raw`` (an injected ``<script>QFUZZ`` string reached the rendered card unescaped), ``card_lost`` (an
+odd source card's last line is missing once the card is rendered, written and rendered again).
 
 Run: ``python -m qformat.testing.fuzz --cases 1000 --seed 0 --jobs 2``.
 """
@@ -65,6 +66,7 @@ APIS = ("verify", "inspect", "card", "load")
 BAD = frozenset({"error", "hang", "died", "nonfinite"})
 INPUT_IDS = [[5, 17, 42, 99, 3, 200, 31, 7, 64, 8]]
 PAYLOAD = "<script>QFUZZ</script>"
+TAIL = "QFUZZ-ORIGINAL-TAIL"  # ends each odd source card: a card rendered from it, and rendered again, keeps it
 
 
 @dataclass(frozen=True)
@@ -181,6 +183,8 @@ class Skip(Exception):
 
 
 def _load_config(folder: Path) -> dict[str, Any]:
+    if not (folder / "config.json").is_file():  # gone, a directory, or a link to /dev/zero (never ends)
+        raise Skip
     try:
         config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError, RecursionError):
@@ -370,6 +374,8 @@ def m_config_strings(folder: Path, rng: random.Random) -> str:
 def m_config_syntax(folder: Path, rng: random.Random) -> str:
     """Make config.json unreadable as a JSON object (truncated, not an object, bad UTF-8, deep, duplicate keys)."""
     path = folder / "config.json"
+    if not path.is_file():
+        raise Skip
     text = path.read_bytes()
     choice = rng.randrange(7)
     data = [text[: rng.randrange(len(text) or 1)], b"[]", b"null", b"\xff\xfe" + text, b"[" * 200_000,
@@ -405,13 +411,18 @@ def m_header_entry(folder: Path, rng: random.Random) -> str:
 
 
 def m_header_name(folder: Path, rng: random.Random) -> str:
-    """Rename, drop or duplicate a header entry."""
+    """Rename, drop or duplicate a header entry, or add many zero-size ones."""
     choices = _tensors(folder, lambda n, e: True)
     if not choices:
         raise Skip
     shard, name = rng.choice(choices)
     header, data = _read_st(shard)
-    action = rng.choice(["rename", "drop", "duplicate", "duplicate-moved"])
+    action = rng.choice(["rename", "drop", "duplicate", "duplicate-moved", "flood"])
+    if action == "flood":
+        count = rng.choice([1000, 100_000])
+        header.update({f"{name}.flood{i}": {"dtype": "F32", "shape": [0], "data_offsets": [0, 0]} for i in range(count)})
+        _write_st(shard, header, data)
+        return f"{shard.name}: {count} zero-size tensors"
     entry = header.pop(name)
     if action == "rename":
         new = rng.choice(["\ud800", "", "../x", name + ".extra", name.rsplit(".", 1)[0], name.upper(),
@@ -516,13 +527,13 @@ def _quantized_tensor(name: str, entry: dict[str, Any]) -> bool:
 
 
 def m_file(folder: Path, rng: random.Random) -> str:
-    """Truncate, extend or delete a weight file (or config.json), or replace it by a directory."""
+    """Truncate, extend or delete a weight file (or config.json), or replace it by a directory or a device link."""
     files = _shards(folder)
     target = rng.choice(files) if files and rng.random() < 0.9 else folder / "config.json"
     if not target.is_file():
         raise Skip
     size = target.stat().st_size
-    action = rng.choice(["truncate", "truncate", "extend", "delete", "directory"])
+    action = rng.choice(["truncate", "truncate", "extend", "delete", "directory", "device"])
     if action == "truncate":
         cut = rng.choice([0, 4, 8, rng.randrange(size or 1), max(size - 1, 0)])
         with target.open("r+b") as fh:
@@ -535,6 +546,10 @@ def m_file(folder: Path, rng: random.Random) -> str:
     target.unlink()
     if action == "directory":
         target.mkdir()
+    elif action == "device":
+        device = rng.choice(["/dev/zero", "/dev/urandom", "/dev/null"])
+        target.symlink_to(device)
+        return f"{target.name} -> {device}"
     return f"{action} {target.name}"
 
 
@@ -584,16 +599,17 @@ def m_readme(folder: Path, rng: random.Random) -> str:
     from qformat.cards.facts import MARKER, ORIGINAL_END, ORIGINAL_START
 
     texts = {
-        "end marker": f"# Model\n{ORIGINAL_END}\nafter\n",
-        "all markers": f"{MARKER} -->\n{ORIGINAL_START}\nx\n{ORIGINAL_END}\n{ORIGINAL_END}\n",
-        "broken yaml": "---\nbase_model: [\n---\nbody\n",
-        "yaml list": "---\n- a\n- b\n---\nbody\n",
-        "yaml tag": "---\nx: !!python/object/apply:os.system ['true']\n---\n",
-        "yaml deep": "---\nx: " + "[" * 5000 + "]" * 5000 + "\n---\n",
+        "end marker": f"# Model\n{ORIGINAL_END}\nafter {TAIL}\n",
+        "all markers": f"{MARKER} -->\n{ORIGINAL_START}\nx\n{ORIGINAL_END}\n{ORIGINAL_END}\n{TAIL}\n",
+        "fenced marker": f"# Model\n```\n{ORIGINAL_START}\n{ORIGINAL_END}\n```\n{TAIL}\n",
+        "broken yaml": f"---\nbase_model: [\n---\nbody {TAIL}\n",
+        "yaml list": f"---\n- a\n- b\n---\nbody {TAIL}\n",
+        "yaml tag": f"---\nx: !!python/object/apply:os.system ['true']\n---\n{TAIL}\n",
+        "yaml deep": "---\nx: " + "[" * 5000 + "]" * 5000 + f"\n---\n{TAIL}\n",
         "only dashes": "---\n",
         "bad utf-8": None,
         "directory": None,
-        "payload": f"---\nbase_model: '{PAYLOAD}'\nlicense: '-->'\n---\n{PAYLOAD}\n",
+        "payload": f"---\nbase_model: '{PAYLOAD}'\nlicense: '-->'\n---\n{PAYLOAD}\n{TAIL}\n",
     }
     kind = rng.choice(list(texts))
     readme = folder / "README.md"
@@ -724,7 +740,6 @@ class _Runner:
     def call(self, api: str, folder: Path, base: Base, verified: bool) -> tuple[str, str]:
         """Run `api` on `folder`; returns (outcome, detail) as described in the module docstring."""
         import qformat
-        from qformat.cards import render_card
 
         try:
             if api == "verify":
@@ -732,8 +747,7 @@ class _Runner:
             elif api == "inspect":
                 qformat.inspect(folder).to_text()
             elif api == "card":
-                text = render_card(folder)
-                return ("ok", "card_raw") if PAYLOAD in text else ("ok", "")
+                return self._judge_card(folder)
             else:
                 return self._judge_load(self._forward(folder, base), base, verified)
         except qformat.QFormatError as exc:
@@ -745,6 +759,21 @@ class _Runner:
                 return "foreign", _first_line(exc)
             return "error", _first_line(exc)
         return "ok", ""
+
+    @staticmethod
+    def _judge_card(folder: Path) -> tuple[str, str]:
+        """Render the card, write it as README.md and render again: notes a raw payload or a lost original card."""
+        from qformat.cards import render_card
+
+        readme = folder / "README.md"
+        original = readme.read_bytes().decode("utf-8", "replace") if readme.is_file() else ""
+        first = render_card(folder)
+        if PAYLOAD in first:
+            return "ok", "card_raw"
+        if readme.is_dir():
+            return "ok", ""
+        readme.write_text(first, encoding="utf-8")
+        return ("ok", "card_lost") if TAIL in original and TAIL not in render_card(folder) else ("ok", "")
 
     def _judge_load(self, logits: Any, base: Base, verified: bool) -> tuple[str, str]:
         import torch
@@ -878,12 +907,12 @@ class FuzzReport:
 
     def by_api(self) -> str:
         """Outcome counts per API."""
-        names = ["ok", "qformat", "foreign", *sorted(BAD), "lenient", "wrong", "card_raw", "fuzzer"]
+        names = ["ok", "qformat", "foreign", *sorted(BAD), "lenient", "wrong", "card_raw", "card_lost", "fuzzer"]
         counts = {api: Counter() for api in (*APIS, "mutate")}
         for case in self.cases:
             for api, (outcome, detail) in case.outcomes.items():
                 counts[api][outcome] += 1
-                if detail in ("lenient", "wrong", "card_raw"):
+                if detail in ("lenient", "wrong", "card_raw", "card_lost"):
                     counts[api][detail] += 1
         rows = [["api", *names]] + [[api, *(str(c[n]) for n in names)] for api, c in counts.items() if c]
         return _table(rows)
@@ -919,9 +948,25 @@ class FuzzReport:
             lines.append(f"    -> {example.outcomes[api][1][:200]}")
         return "\n".join(lines) or "(none)"
 
+    def notes(self) -> str:
+        """Per report-only note (lenient, wrong, card_raw, card_lost): count, kinds and the simplest example."""
+        groups: dict[str, list[CaseResult]] = {}
+        for case in self.cases:
+            for api, (outcome, detail) in case.outcomes.items():
+                if outcome == "ok" and detail:
+                    groups.setdefault(f"{api} {detail}", []).append(case)
+        lines = []
+        for note, cases in sorted(groups.items()):
+            kinds = Counter(k for c in cases for k in {k for k, _ in c.mutations})
+            example = min(cases, key=lambda c: (len(c.mutations), c.index))
+            lines.append(f"- {note} x{len(cases)}; kinds: " + ", ".join(f"{k} {n}" for k, n in kinds.most_common(4)))
+            lines.append(f"    e.g. {example.describe()}")
+        return "\n".join(lines) or "(none)"
+
     def summary(self) -> str:
         return (f"{len(self.cases)} cases in {self.seconds:.1f} s, {len(self.bad)} with a BAD outcome\n\n"
-                f"{self.by_api()}\n\n{self.by_kind()}\n\nBAD classes:\n{self.bad_classes()}")
+                f"{self.by_api()}\n\n{self.by_kind()}\n\nBAD classes:\n{self.bad_classes()}\n\n"
+                f"Notes (not failures):\n{self.notes()}")
 
 
 def _table(rows: list[list[str]]) -> str:
