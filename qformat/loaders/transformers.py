@@ -11,6 +11,15 @@ bit-exact and nothing is ever materialized in full precision. After loading, eac
 its device. `from_pretrained(..., quantization_config=QFormatQuantizationConfig(dequantize=True))` instead returns
 plain `nn.Linear` layers in the model's dtype and drops the quantization config.
 
+Checks: a checkpoint is untrusted input, and transformers would silently cast a tensor of the wrong dtype into a
+parameter, leave a missing one uninitialized, or load quantized tensors into a plain layer. So the loader refuses,
+with one `FormatError` naming the tensor, a checkpoint that breaks the format: before loading, from the shard
+headers, every tensor a quantized module's scheme needs must be stored with its dtype and shape
+(`qformat.spec.layout.module_tensors`), and no quantized tensor (`weight_scale`, `input_scale`, `compressed`,
+`bitmask`, or int8/fp8 data) may belong to a module the model keeps in full precision; after loading, each module's
+values must be valid (`QuantLinear.stored_value_problem`: scales finite and positive, fp8 without NaN, 2:4 bitmasks
+keeping two of every four).
+
 Saving: `save_pretrained` writes the modules' parameters as they are; the quantizer refreshes
 `provenance.tensor_hashes` from exactly the tensors being saved, so the result verifies even when transformers
 re-shards or the unquantized tensors changed dtype.
@@ -36,13 +45,27 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from qformat.errors import FormatError
-from qformat.io.safetensors_format import read_header
+from qformat.io.safetensors_format import HeaderEntry, read_header
 from qformat.nn.linear import QuantLinear
 from qformat.spec.config import QUANT_METHOD, QFormatConfig
+from qformat.spec.layout import WEIGHT_SUFFIXES, TensorSpec, module_tensors, shape_problem
+from qformat.spec.schemes import Scheme
 
 __all__ = ["QFormatHfQuantizer", "QFormatQuantizationConfig", "register"]
 
 logger = logging.getLogger(__name__)
+
+#: Private switch for benchmarks/load_checks.py, which measures what the load-time checks cost. Nothing else may turn
+#: it off: without the checks a damaged or tampered checkpoint loads as a silently wrong model.
+_CHECKS = True
+
+#: Header dtypes that only a quantized module's tensors may have.
+_QUANTIZED_DTYPES = frozenset({"I8", "F8_E4M3", "F8_E5M2"})
+#: Tensor-name suffixes that only a quantized module has (`weight` and `shape` are common names).
+_QUANTIZED_SUFFIXES = frozenset(WEIGHT_SUFFIXES) - {"weight", "shape"}
+#: What a user can do about a checkpoint the loader refuses.
+_ADVICE = ("the checkpoint is damaged or was modified: re-download or re-convert it "
+           "(`qformat verify` names every problem)")
 
 
 class QFormatQuantizationConfig(QuantizationConfigMixin):
@@ -81,15 +104,95 @@ class QFormatQuantizationConfig(QuantizationConfigMixin):
         self._data["provenance"] = provenance
 
 
-def _quantized_in_checkpoint(checkpoint_files: list[str] | None) -> set[str] | None:
-    """Module names that store quantized tensors (a `weight_scale`), read from the shard headers only."""
+def _stored_tensors(checkpoint_files: list[str] | None) -> dict[str, HeaderEntry] | None:
+    """Every tensor the checkpoint stores, from the shard headers only (None if transformers named no files).
+
+    qformat checkpoints are safetensors files (docs/FORMAT.md section 12); any other weight file is refused, since
+    the loader could not check what it holds.
+    """
     if not checkpoint_files:
         return None
-    names: set[str] = set()
+    tensors: dict[str, HeaderEntry] = {}
     for file in checkpoint_files:
-        if str(file).endswith(".safetensors"):
-            names.update(k[: -len(".weight_scale")] for k in read_header(Path(file)).tensors if k.endswith(".weight_scale"))
-    return names
+        if not str(file).endswith(".safetensors"):
+            raise FormatError(f"{Path(file).name} is not a safetensors file; qformat checkpoints store their "
+                              f"tensors in safetensors files only: {_ADVICE}")
+        tensors.update(read_header(Path(file)).tensors)
+    return tensors
+
+
+def _is_quantized(name: str, entry: HeaderEntry) -> bool:
+    """Whether a stored tensor is quantized data: a quantized-only name, or an int8/fp8 dtype."""
+    return name.rpartition(".")[2] in _QUANTIZED_SUFFIXES or entry.dtype in _QUANTIZED_DTYPES
+
+
+def _quantized_modules(stored: dict[str, HeaderEntry]) -> set[str]:
+    """Checkpoint modules that store any quantized tensor (so a module missing its `weight_scale` still counts)."""
+    return {name.rpartition(".")[0] for name, entry in stored.items() if _is_quantized(name, entry)}
+
+
+def _fail(name: str, problem: str) -> FormatError:
+    return FormatError(f"{name}: {problem}; {_ADVICE}")
+
+
+def _check_module_header(stored: dict[str, HeaderEntry], module: str, scheme_name: str,
+                         specs: list[TensorSpec]) -> None:
+    """Every tensor the scheme needs is stored with its dtype and shape, and no other quantized tensor of `module`."""
+    for spec in specs:
+        entry = stored.get(spec.name)
+        if entry is None:
+            raise _fail(module, f"misses {spec.name}, which scheme {scheme_name} needs")
+        if entry.dtype != spec.dtype or entry.shape != spec.shape:
+            raise _fail(spec.name, f"is {entry.dtype} {list(entry.shape)}, scheme {scheme_name} needs {spec.dtype} "
+                                   f"{list(spec.shape)}")
+    wanted = {spec.name for spec in specs}
+    extra = sorted(f"{module}.{suffix}" for suffix in WEIGHT_SUFFIXES
+                   if f"{module}.{suffix}" in stored and f"{module}.{suffix}" not in wanted)
+    if extra:
+        raise _fail(extra[0], f"is not part of scheme {scheme_name}")
+
+
+def _check_scheme_fits(stored: dict[str, HeaderEntry], module: str, scheme_name: str, scheme: Scheme,
+                       linear: nn.Linear) -> None:
+    """The model's Linear `module` may take `scheme` (shape rules) and the checkpoint stores its tensors as the
+    scheme says (`qformat.spec.layout.module_tensors` is the one source of names, dtypes and shapes)."""
+    problem = shape_problem(scheme, linear.out_features, linear.in_features)
+    if problem is not None:
+        raise _fail(module, f"{problem} (format v1 keeps such modules in full precision)")
+    _check_module_header(stored, module, scheme_name, module_tensors(module, scheme, linear.out_features,
+                                                                     linear.in_features))
+
+
+def _model_module(module: str, model_modules: set[str], prefix: str) -> str | None:
+    """The model's module that checkpoint module `module` would load into, or None if the model has none."""
+    candidates = (module, module.removeprefix(f"{prefix}."), f"{prefix}.{module}") if prefix else (module,)
+    return next((c for c in candidates if c in model_modules), None)
+
+
+def _check_nothing_quantized_elsewhere(stored: dict[str, HeaderEntry], quantized: set[str], model: nn.Module,
+                                       prefix: str) -> None:
+    """No quantized tensor belongs to a module of the model that is not a `QuantLinear` (it would be cast into a
+    float parameter, or its scale ignored). Tensors of modules this model lacks are dropped by transformers."""
+    model_modules = {name for name, _ in model.named_modules()}
+    for name, entry in stored.items():
+        module = name.rpartition(".")[0]
+        if module in quantized or not _is_quantized(name, entry):
+            continue
+        target = _model_module(module, model_modules, prefix)
+        if target is not None:
+            kind = type(model.get_submodule(target)).__name__
+            raise _fail(name, f"is quantized data ({entry.dtype}), but the model loads {module or 'its root'} ({kind}) "
+                              "in full precision: the config keeps it out of quantization, or it is not a Linear layer")
+
+
+def _check_values(model: nn.Module, checkpoint_names: dict[str, str]) -> None:
+    """Each `QuantLinear`'s stored values, as loaded (see `QuantLinear.stored_value_problem`)."""
+    for name, module in model.named_modules():
+        if isinstance(module, QuantLinear):
+            problem = module.stored_value_problem()
+            if problem is not None:
+                tensor, what = problem
+                raise _fail(f"{checkpoint_names.get(name, name)}.{tensor}", what)
 
 
 def _checkpoint_name(name: str, known: set[str] | None, prefix: str) -> str | None:
@@ -133,14 +236,17 @@ class QFormatHfQuantizer(HfQuantizer):
 
     def __init__(self, quantization_config: QFormatQuantizationConfig, **kwargs: Any) -> None:
         super().__init__(quantization_config, **kwargs)
+        self._checkpoint_names: dict[str, str] = {}  # model module -> checkpoint module, for error messages
 
     def validate_environment(self, *args: Any, **kwargs: Any) -> None:
         self.quantization_config.spec  # noqa: B018 - raises a clear error for a config without checkpoint data
 
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs: Any):
         spec = self.quantization_config.spec
-        known = _quantized_in_checkpoint(checkpoint_files)
+        stored = _stored_tensors(checkpoint_files)
+        known = None if stored is None else _quantized_modules(stored)
         prefix = getattr(model, "base_model_prefix", "") or ""
+        self._checkpoint_names = {}
         for name, module in list(model.named_modules()):
             if not isinstance(module, nn.Linear):
                 continue
@@ -149,12 +255,19 @@ class QFormatHfQuantizer(HfQuantizer):
             if resolved is None:
                 continue  # kept in full precision (fallback list), or not a module of this checkpoint
             scheme_name, scheme = resolved
+            if stored is not None and _CHECKS:
+                _check_scheme_fits(stored, ckpt_name, scheme_name, scheme, module)
             _replace(model, name, QuantLinear(module.in_features, module.out_features, scheme,
                                               bias=module.bias is not None, dtype=module.weight.dtype,
                                               device=module.weight.device, scheme_name=scheme_name))
+            self._checkpoint_names[name] = ckpt_name
+        if stored is not None and _CHECKS:
+            _check_nothing_quantized_elsewhere(stored, set(self._checkpoint_names.values()), model, prefix)
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs: Any):
+        if _CHECKS:
+            _check_values(model, self._checkpoint_names)
         if self.quantization_config.dequantize:
             return _dequantize_modules(model, getattr(model.config, "dtype", None))
         for module in model.modules():

@@ -25,6 +25,8 @@ from qformat.kernels.int8_dynamic import Int8Dynamic
 from qformat.kernels.int8_weight_only import Int8WeightOnly
 from qformat.kernels.sparse24 import dense_from_2_4, semi_structured_int8
 from qformat.quantize.dequant import dequantize_dense
+from qformat.quantize.observers import fp8_has_nan, scales_valid
+from qformat.quantize.sparse24 import BITMASK_NOT_2_4, bitmask_ok, bitmask_problem
 from qformat.quantize.weights import VALUE_DTYPES, quantize_weight
 from qformat.spec.schemes import Scheme
 
@@ -101,6 +103,41 @@ class QuantLinear(nn.Module):
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The full-precision weight the stored tensors stand for (docs/FORMAT.md section 8)."""
         return dequantize_dense(self.quantized_weight(), self.weight_scale, dtype)
+
+    # -- what the format forbids in the stored values ------------------------------------------------------------
+    def _value_checks(self) -> list[tuple[str, str, torch.Tensor]]:
+        """(parameter, what is wrong if it fails, 0-dim bool tensor that is True when it passes), all computed on
+        the module's device without reading anything back."""
+        checks = [(name, "scales must be finite and positive", scales_valid(param))
+                  for name in ("weight_scale", "input_scale") if (param := self._parameters.get(name)) is not None]
+        values_name = "weight" if self.scheme.sparsity is None else "compressed"
+        values = self._parameters[values_name]
+        if values.dtype == torch.float8_e4m3fn:
+            checks.append((values_name, "holds NaN (e4m3fn bit pattern 0x7F/0xFF)", ~fp8_has_nan(values)))
+        if self.scheme.sparsity is not None:
+            dims = self.shape.reshape(-1)
+            checks.append(("shape", f"must hold [[{self.out_features}], [{self.in_features}]], the module's size",
+                           (dims[0] == self.out_features) & (dims[1] == self.in_features)))
+            checks.append(("bitmask", BITMASK_NOT_2_4, bitmask_ok(self.bitmask, self.in_features)))
+        return checks
+
+    def stored_value_problem(self) -> tuple[str, str] | None:
+        """The first stored tensor whose values the format forbids, as (parameter name, what is wrong), or None.
+
+        Scales finite and positive, fp8 values free of NaN codes, a 2:4 module's `shape` equal to its size and its
+        bitmask keeping exactly two of every four columns (docs/FORMAT.md sections 6-8). Vectorised on the module's
+        device: O(out) for scales, O(out * in / 8) for a bitmask, two byte-wide max reductions for fp8 values, and
+        one boolean read back per module. Parameters on the meta device (offloaded) are not checked.
+        """
+        if self.weight_scale.device.type == "meta":
+            return None
+        checks = self._value_checks()
+        if bool(torch.stack([ok for _, _, ok in checks]).all()):
+            return None
+        name, problem = next((name, problem) for name, problem, ok in checks if not bool(ok))
+        if name == "bitmask":
+            problem = bitmask_problem(self.bitmask, self.in_features) or problem
+        return name, problem
 
     # -- kernels ---------------------------------------------------------------------------------------------
     def _prepare(self) -> Any:

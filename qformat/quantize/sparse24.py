@@ -16,7 +16,21 @@ import itertools
 import numpy as np
 import torch
 
-__all__ = ["compress_2_4", "decompress_2_4", "follows_2_4", "select_2_4", "unpack_bitmask"]
+__all__ = [
+    "BITMASK_NOT_2_4",
+    "BITMASK_PADDING",
+    "bitmask_ok",
+    "bitmask_problem",
+    "compress_2_4",
+    "decompress_2_4",
+    "follows_2_4",
+    "select_2_4",
+    "unpack_bitmask",
+]
+
+#: What is wrong with a bitmask that `bitmask_problem` refuses (verify and the loader say the same).
+BITMASK_NOT_2_4 = "every group of 4 columns must keep exactly 2 values"
+BITMASK_PADDING = "padding bits beyond in_features must be 0"
 
 _PAIRS = list(itertools.combinations(range(4), 2))  # (0,1) (0,2) (0,3) (1,2) (1,3) (2,3)
 
@@ -81,6 +95,38 @@ def unpack_bitmask(bitmask: torch.Tensor, in_features: int) -> torch.Tensor:
     """Boolean [rows, in_features] mask from a stored bitmask (least significant bit first)."""
     bits = np.unpackbits(bitmask.cpu().numpy(), axis=-1, bitorder="little", count=in_features)
     return torch.from_numpy(bits.astype(bool))
+
+
+def _nibble_popcounts(bitmask: torch.Tensor) -> torch.Tensor:
+    """uint8 of `bitmask`'s shape: each nibble replaced by its number of set bits (0..4), by bit arithmetic on the
+    bytes themselves (no wider index tensor; any device)."""
+    pairs = bitmask - ((bitmask >> 1) & 0x55)  # each 2-bit field: the count of its two bits
+    return (pairs & 0x33) + ((pairs >> 2) & 0x33)  # each nibble: the count of its four bits
+
+
+def bitmask_ok(bitmask: torch.Tensor, in_features: int) -> torch.Tensor:
+    """0-dim bool tensor on `bitmask`'s device: the stored 2:4 bitmask (uint8 [rows, ceil(in/8)]) is valid.
+
+    Valid: every byte inside the row keeps exactly 2 of each nibble's 4 columns; where in_features % 8 == 4 the last
+    byte holds one group (low nibble keeps 2) and padding (high nibble 0). A few byte-wide passes, O(rows * in / 8),
+    and nothing read back: cheap enough to run on every load, without a host copy of a CUDA tensor.
+    """
+    counts = _nibble_popcounts(bitmask)
+    full = in_features // 8  # bytes covering two whole groups
+    ok = (counts[:, :full] == 0x22).all()
+    if in_features % 8:
+        ok = ok & (counts[:, full] == 0x02).all()
+    return ok
+
+
+def bitmask_problem(bitmask: torch.Tensor, in_features: int) -> str | None:
+    """Why a stored 2:4 bitmask is invalid (`BITMASK_NOT_2_4` or `BITMASK_PADDING`), or None if `bitmask_ok`."""
+    if bool(bitmask_ok(bitmask, in_features)):
+        return None
+    counts, full = _nibble_popcounts(bitmask), in_features // 8
+    if not bool((counts[:, :full] == 0x22).all()) or not bool(((counts[:, full] & 0x0F) == 2).all()):
+        return BITMASK_NOT_2_4  # (the second test runs only when in_features % 8 leaves a last half byte)
+    return BITMASK_PADDING
 
 
 def _shift_tables() -> tuple[np.ndarray, np.ndarray]:
