@@ -105,10 +105,8 @@ def _load_config(folder: Path, raw: dict[str, Any], *, quantized: bool = False):
             f"unknown architecture: transformers {transformers.__version__} does not know model_type {model_type!r} "
             f"({_first_line(exc)}); upgrade transformers or convert a supported model"
         ) from None
-    except Exception as exc:  # config classes raise anything (TypeError, AttributeError) on values of the wrong type
-        raise UnsupportedModelError(
-            f"transformers cannot read this config.json ({type(exc).__name__}: {_first_line(exc)}); fix config.json"
-        ) from None
+    except Exception as exc:  # config classes raise anything (TypeError, validators' errors) on values they refuse
+        raise UnsupportedModelError(f"transformers refuses this config.json ({_first_line(exc)}); fix config.json") from None
 
 
 def _known_model_types() -> set[str]:
@@ -118,8 +116,14 @@ def _known_model_types() -> set[str]:
 
 
 def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return (lines[0] if lines else type(exc).__name__)[:160]
+    """The message's first line; for a heading line ending in ':' (transformers' config validators), the reason
+    that follows it."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    if lines[0].endswith(":") and len(lines) > 1:
+        return f"{lines[0]} {lines[1]}"[:240]
+    return lines[0][:160]
 
 
 #: config.json keys (at any nesting level, e.g. text_config) whose value is a number of numbered layers or experts,
@@ -219,18 +223,12 @@ def _key_renamer(model: torch.nn.Module):
     return rename
 
 
-#: Tensor suffixes of a quantized Linear module that are not parameters of the unquantized model.
-_QUANTIZED_SUFFIXES = frozenset({"weight_scale", "input_scale", "compressed", "bitmask", "shape", "weight_packed",
-                                 "weight_shape", "weight_zero_point", "input_zero_point"})
-
-
 def _check_against_model(model: torch.nn.Module, modules: Mapping[str, torch.nn.Module],
-                         shapes: Mapping[str, tuple[int, ...]], rename, error: type[QFormatError], *,
-                         quantized: bool) -> None:
+                         shapes: Mapping[str, tuple[int, ...]], rename, error: type[QFormatError]) -> None:
     """The weights must fit the model config.json builds: every stored parameter or buffer has the model's shape,
     a Linear module stores no tensor it does not have (a `.bias` where it has none), and the model numbers no more
     layers than the weights hold. transformers would otherwise fail to load the weights, or drop or re-initialize
-    some of them without an error."""
+    some of them without an error. (Other tensors of quantized layouts are checked by verify and the importer.)"""
     expected = {name: tuple(t.shape) for name, t in model.state_dict(keep_vars=True).items()}
     for key, shape in shapes.items():
         renamed, converted = rename(key)
@@ -238,13 +236,10 @@ def _check_against_model(model: torch.nn.Module, modules: Mapping[str, torch.nn.
         if converted:
             continue
         module = modules.get(module_name)
-        if isinstance(module, torch.nn.Linear):
-            if quantized and suffix in _QUANTIZED_SUFFIXES:
-                continue
-            if suffix not in ("weight", "bias") or (suffix == "bias" and module.bias is None):
-                raise error(f"{key}: {type(model).__name__} has no such tensor ({module_name} is a Linear without "
-                            f"{'a bias' if suffix == 'bias' else suffix!r}); transformers would drop it, so the "
-                            "model would differ from the checkpoint. Fix the checkpoint or its config.json")
+        if isinstance(module, torch.nn.Linear) and suffix == "bias" and module.bias is None:
+            raise error(f"{key}: {type(model).__name__} has no such tensor ({module_name} is a Linear without a "
+                        "bias); transformers would drop it, so the model would differ from the checkpoint. Fix the "
+                        "checkpoint or its config.json")
         want = expected.get(renamed)
         if want is not None and tuple(shape) != want:
             raise error(f"{key} is {list(shape)} in the weights but config.json makes it {list(want)}; the config "
@@ -280,7 +275,7 @@ def analyze_structure(folder: Path, shapes: Mapping[str, tuple[int, ...]], *,
     modules = dict(model.named_modules())
     linear_names = [n for n, m in modules.items() if isinstance(m, torch.nn.Linear)]
     rename = _key_renamer(model)
-    _check_against_model(model, modules, shapes, rename, error, quantized=quantized)
+    _check_against_model(model, modules, shapes, rename, error)
 
     # model module name -> (checkpoint module name, checkpoint key)
     found: dict[str, tuple[str, str]] = {}

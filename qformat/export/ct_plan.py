@@ -25,12 +25,14 @@ from qformat.converter.structure import LinearModule, ModelStructure, analyze_st
 from qformat.errors import FormatError, OptionError
 from qformat.export.ct_config import scheme_from_ct
 from qformat.export.packing import unpack_int8
+from qformat.io.jsonfile import load_json
 from qformat.io.source import SourceCheckpoint, SourceTensor, TensorReader
 from qformat.quantize.sparse24 import follows_2_4
 from qformat.spec.config import FallbackEntry
 from qformat.spec.fused import fused_groups_for, group_modules
 from qformat.spec.layout import shape_problem
-from qformat.spec.patterns import pattern_matches
+from qformat.spec._typed import list_at, str_at
+from qformat.spec.patterns import PatternSet
 from qformat.spec.schemes import SPARSITY_2_4, Scheme
 
 __all__ = ["ImportPlan", "ModulePlan", "plan_import", "read_ct_config"]
@@ -98,6 +100,12 @@ def read_ct_config(config: Mapping[str, Any]) -> tuple[dict[str, Any], Any]:
         where = ".".join(str(p) for p in first.get("loc", ()))
         raise FormatError(f"quantization_config is not a valid compressed-tensors config ({where}: "
                           f"{first.get('msg')})") from None
+    except Exception as exc:  # compressed-tensors' validators compare values before checking types (TypeError)
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        raise FormatError(f"quantization_config is not a valid compressed-tensors config ({type(exc).__name__}: "
+                          f"{first}); fix the checkpoint's config.json") from None
+    if not isinstance(raw.get("version"), (str, type(None))):
+        raise FormatError(f"quantization_config.version must be a string, got {raw.get('version')!r}")
     status = str(getattr(ct.quantization_status, "value", ct.quantization_status))
     if status != "compressed":
         raise FormatError(f"quantization_status is {status!r}: the weights are stored in full precision, not as "
@@ -115,18 +123,43 @@ def _sparsity(raw: dict[str, Any], config: Mapping[str, Any]) -> dict[str, Any]:
     sp = raw.get("sparsity_config") or config.get("sparsity_config") or {}
     if not isinstance(sp, dict):
         return {}
-    fmt = sp.get("format")
-    structure = str(sp.get("sparsity_structure") or "")
+    fmt = str_at(sp.get("format"), "quantization_config.sparsity_config.format", nullable=True)
+    structure = str_at(sp.get("sparsity_structure"), "quantization_config.sparsity_config.sparsity_structure",
+                       nullable=True) or ""
     if fmt in (None, "dense") or fmt == "sparse-24-bitmask":
-        return {"format": fmt or "dense", "structure": structure, "targets": list(sp.get("targets") or []),
-                "ignore": list(sp.get("ignore") or [])}
+        return {"format": fmt or "dense", "structure": structure}
     raise OptionError(f"sparsity format {fmt!r} ({structure or 'unstructured'}) is not representable in qformat v1, "
                       "which stores 2:4 sparsity only (legacy 'sparse-24-bitmask', or dense weights in the 2:4 pattern)")
 
 
-def _matches(patterns: list[str], name: str) -> bool:
-    """compressed-tensors' matching of a Linear module: class name, exact name, or `re:` with re.match."""
-    return any(p == "Linear" or pattern_matches(p, name) for p in patterns)
+class _Targets:
+    """A compressed-tensors `targets` or `ignore` list, compiled once: the class name `Linear` (every Linear
+    module), exact module names, or `re:` patterns applied with `re.match` (bounded, see `qformat.spec.patterns`)."""
+
+    def __init__(self, patterns: Any, where: str) -> None:
+        listed = list_at(patterns, where, nullable=True) or []
+        for i, pattern in enumerate(listed):
+            str_at(pattern, f"{where}[{i}]")
+        self.every_linear = "Linear" in listed
+        self.patterns = PatternSet([p for p in listed if p != "Linear"], what=where)
+
+    def matches(self, name: str) -> bool:
+        return self.every_linear or self.patterns.matches(name)
+
+
+@dataclass(frozen=True)
+class _Groups:
+    """The config's ignore list and each config group's targets, compiled once for the whole model."""
+
+    ignore: _Targets
+    targets: dict[str, _Targets]
+
+    @classmethod
+    def of(cls, ct: Any) -> _Groups:
+        groups = ct.config_groups or {}
+        return cls(_Targets(ct.ignore, "quantization_config.ignore"),
+                   {name: _Targets(scheme.targets, f"quantization_config.config_groups.{name}.targets")
+                    for name, scheme in groups.items()})
 
 
 def _module_suffixes(tensors: Mapping[str, SourceTensor], linears: Mapping[str, LinearModule]) -> dict[str, dict]:
@@ -210,13 +243,13 @@ def _refuse_foreign(structure: ModelStructure, ckpt: SourceCheckpoint) -> None:
                               "qformat v1 quantizes Linear modules only")
 
 
-def _group_scheme(ct: Any, raw: dict[str, Any], name: str) -> tuple[Any, str] | None:
+def _group_scheme(ct: Any, raw: dict[str, Any], groups: _Groups, name: str) -> tuple[Any, str] | None:
     """The compressed-tensors scheme and format that apply to module `name`, or None if it is not quantized."""
-    if _matches(list(ct.ignore or []), name):
+    if groups.ignore.matches(name):
         return None
     found: list[tuple[str, Any, str]] = []
     for group_name, scheme in (ct.config_groups or {}).items():
-        if _matches(list(scheme.targets or []), name):
+        if groups.targets[group_name].matches(name):
             fmt = getattr(scheme, "format", None) or raw.get("format") or ""
             found.append((group_name, scheme, str(fmt)))
     if not found:
@@ -228,10 +261,11 @@ def _group_scheme(ct: Any, raw: dict[str, Any], name: str) -> tuple[Any, str] | 
     return found[0][1], found[0][2]
 
 
-def _fallback_entry(module: LinearModule, ct: Any, note: dict[str, Any]) -> FallbackEntry:
-    for entry in note.get("fallback") or []:
+def _fallback_entry(module: LinearModule, groups: _Groups, note: dict[str, Any]) -> FallbackEntry:
+    notes = list_at(note.get("fallback"), "quantization_config.qformat.fallback", nullable=True) or []
+    for i, entry in enumerate(notes):
         if isinstance(entry, dict) and entry.get("module") == module.name:
-            return FallbackEntry.from_dict(entry)
+            return FallbackEntry.from_dict(entry, f"quantization_config.qformat.fallback[{i}]")
     if module.tied:
         return FallbackEntry(module=module.name, reason="default", detail="output embedding tied to the input embeddings")
     if not module.in_checkpoint:
@@ -240,7 +274,7 @@ def _fallback_entry(module: LinearModule, ct: Any, note: dict[str, Any]) -> Fall
     if module.output_embedding:
         return FallbackEntry(module=module.name, reason="default",
                              detail="output embedding, kept in full precision by the compressed-tensors checkpoint")
-    where = "its ignore list" if _matches(list(ct.ignore or []), module.name) else "no config group targets it"
+    where = "its ignore list" if groups.ignore.matches(module.name) else "no config group targets it"
     return FallbackEntry(module=module.name, reason="user",
                          detail=f"kept in full precision by the compressed-tensors checkpoint ({where})")
 
@@ -289,8 +323,11 @@ def _check_fused(structure: ModelStructure, modules: dict[str, ModulePlan]) -> N
 
 def plan_import(folder: Path, ckpt: SourceCheckpoint, reader: TensorReader) -> ImportPlan:
     """Decide how every Linear module of the compressed-tensors checkpoint in `folder` is imported."""
-    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    config = load_json(folder / "config.json", error=FormatError)
+    if not isinstance(config, dict):
+        raise FormatError("SOURCE's config.json is not a JSON object; fix or re-download it")
     raw, ct = read_ct_config(config)
+    groups = _Groups.of(ct)
     sparsity = _sparsity(raw, config)
     note = raw.get("qformat") if isinstance(raw.get("qformat"), dict) else {}
     if ckpt.format != "safetensors":
@@ -304,14 +341,14 @@ def plan_import(folder: Path, ckpt: SourceCheckpoint, reader: TensorReader) -> I
     formats: set[str] = set()
     for name, linear in structure.linears.items():
         parts = parts_of.get(name, {})
-        found = _group_scheme(ct, raw, name)
+        found = _group_scheme(ct, raw, groups, name)
         if found is None:
             if "weight_scale" in parts:
                 raise FormatError(f"{name} stores quantized tensors but no config group quantizes it")
             weight = parts.get("weight")
             if weight is not None and weight.dtype not in _FLOAT:
                 raise FormatError(f"{name} is not quantized by the config but stores a {weight.dtype} weight")
-            fallback.append(_fallback_entry(linear, ct, note))
+            fallback.append(_fallback_entry(linear, groups, note))
             continue
         ct_scheme, fmt = found
         if fmt not in _FORMATS:
