@@ -3,7 +3,9 @@
 The checks target the mistakes seen on published quantized cards: a dtype word that does not match the weights
 ("INT4" on an FP8 model), Linear counts that do not match the fallback list, a size table that went stale, and
 metadata without `base_model` (the Hub then cannot link the model to its base). The carried-over original card is
-not checked: it describes the source model.
+not checked: it describes the source model. Nor are code (spans and fenced blocks) and link targets: a card shows
+data there (module and scheme names, the base model, the recorded command), which may contain any word without
+claiming it.
 """
 
 from __future__ import annotations
@@ -11,7 +13,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from qformat.cards.facts import ORIGINAL_START, CardFacts, card_facts, split_source_card
+from qformat.cards.facts import CardFacts, card_facts, original_start, split_source_card
+from qformat.cards.markdown import fenced
 from qformat.cards.render import _WORDS, _tags
 from qformat.checkpoint.inspect import _human
 
@@ -21,6 +24,8 @@ _DTYPE_WORD = re.compile(r"(?<![\w-])(int2|int3|int4|int8|fp4|nf4|fp6|fp8|mxfp4|
                          re.IGNORECASE)
 _COUNT = re.compile(r"(\d+)\s+of\s+(?:its\s+)?(\d+)\s+Linear modules", re.IGNORECASE)
 _SIZE_ROW = re.compile(r"^\|\s*Weights\s*\|\s*([^|]+?)\s*\|\s*([^|]+?)\s*\|", re.MULTILINE)
+_CODE_SPAN = re.compile(r"(?<!`)(`+)(?!`).*?(?<!`)\1(?!`)")
+_LINK_TARGET = re.compile(r"(?<=\])\([^()\s]*\)")
 
 
 def _allowed_words(f: CardFacts) -> set[str]:
@@ -35,8 +40,16 @@ def _allowed_words(f: CardFacts) -> set[str]:
 def _own_text(readme: str) -> str:
     """The README without its metadata and without the original card it carries."""
     body = re.sub(r"^---\s*\n.*?\n---\s*\n", "", readme, count=1, flags=re.DOTALL)
-    start = body.find(ORIGINAL_START)
-    return body if start < 0 else body[:start]
+    lines = body.split("\n")
+    start = original_start(lines)
+    return "\n".join(lines if start is None else lines[:start])
+
+
+def _prose(own: str) -> str:
+    """`own` without code (fenced blocks, inline code spans) and link targets: data and addresses, not claims."""
+    lines = own.split("\n")
+    return "\n".join(_LINK_TARGET.sub("", _CODE_SPAN.sub("", line)) for line, code in zip(lines, fenced(lines))
+                     if not code)
 
 
 def check_card(folder: str | Path, text: str | None = None) -> list[str]:
@@ -50,24 +63,25 @@ def check_card(folder: str | Path, text: str | None = None) -> list[str]:
         text = path.read_text(encoding="utf-8")
     problems: list[str] = []
     meta = split_source_card(text).metadata
-    if f.base_model and meta.get("base_model") != f.base_model:
+    if f.base_model_id and meta.get("base_model") != f.base_model_id:
         found = meta.get("base_model")
-        problems.append(f"base_model is {found!r}, the checkpoint's base model is {f.base_model!r}" if found
-                        else f"base_model is missing from the metadata (the checkpoint records {f.base_model!r})")
-    if f.base_model and meta.get("base_model_relation") != "quantized":
+        problems.append(f"base_model is {found!r}, the checkpoint's base model is {f.base_model_id!r}" if found
+                        else f"base_model is missing from the metadata (the checkpoint records {f.base_model_id!r})")
+    if f.base_model_id and meta.get("base_model_relation") != "quantized":
         problems.append(f"base_model_relation is {meta.get('base_model_relation')!r}, not 'quantized'")
     tags = meta.get("tags") if isinstance(meta.get("tags"), list) else []
     missing_tags = [t for t in _tags(f) if t not in tags]
     if missing_tags:
         problems.append(f"tags lack {', '.join(missing_tags)}")
     own = _own_text(text)
+    prose = _prose(own)
     allowed = _allowed_words(f)
-    for word in dict.fromkeys(m.group(1).lower() for m in _DTYPE_WORD.finditer(own)):
+    for word in dict.fromkeys(m.group(1).lower() for m in _DTYPE_WORD.finditer(prose)):
         if word not in allowed:
             weights = "/".join(_WORDS[t] for t in sorted(f.weight_types))
             problems.append(f"says {word.upper()}, but the weights are {weights}")
     valid_counts = {(f.quantized_modules, f.linear_modules), (len(f.fallback), f.linear_modules)}
-    for match in _COUNT.finditer(own):
+    for match in _COUNT.finditer(prose):
         pair = (int(match.group(1)), int(match.group(2)))
         if pair not in valid_counts:
             problems.append(f"says '{match.group(0)}', but {f.quantized_modules} of {f.linear_modules} Linear "

@@ -7,7 +7,9 @@ from pathlib import Path
 from typing import Any
 
 from qformat.cards.facts import MARKER, ORIGINAL_END, ORIGINAL_START, card_facts
-from qformat.cards.render import DEFAULT_REPO_ID, _tags, card_metadata, demote_headings
+from qformat.cards.markdown import code, text
+from qformat.cards.render import (DEFAULT_REPO_ID, _tags, base_model_link, card_metadata, demote_headings,
+                                  display_name, template_environment)
 
 __all__ = ["render_export_card"]
 
@@ -22,9 +24,7 @@ def _args(args: dict[str, Any] | None) -> str:
 
 def render_export_card(folder: str | Path, quant_config: dict[str, Any], densified: list[str], *,
                        repo_id: str | None = None) -> str:
-    """README.md for the export of the qformat checkpoint in `folder`."""
-    import jinja2
-
+    """README.md for the export of the qformat checkpoint in `folder` (config strings shown as `render_card` does)."""
     from qformat._version import __version__
 
     f = card_facts(folder)
@@ -35,17 +35,14 @@ def render_export_card(folder: str | Path, quant_config: dict[str, Any], densifi
                "activations": _args(g["input_activations"]), "count": len(g["targets"])}
               for name, g in quant_config["config_groups"].items()]
     template = resources.files("qformat.cards").joinpath("export_template.md.j2").read_text(encoding="utf-8")
-    env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True,
-                             undefined=jinja2.StrictUndefined, autoescape=False)
     words = "/".join({"int": "INT8", "float": "FP8"}[t] for t in sorted(f.weight_types))
-    name = f.base_model.split("/")[-1] if f.base_model else f.architecture
-    return env.from_string(template).render(
+    return template_environment().from_string(template).render(
         card_data=meta.to_yaml(), marker=MARKER, version=__version__, f=f, repo_id=repo,
-        title=f"{name} — {words} for vLLM (compressed-tensors, exported by qformat)",
+        title=f"{display_name(f)} — {words} for vLLM (compressed-tensors, exported by qformat)",
         groups=groups, densified=densified,
-        ignored=", ".join(f"`{e.module}`" for e in f.fallback),
-        base_model_link=f"[{f.base_model}](https://huggingface.co/{f.base_model})" if f.base_model else "not recorded",
-        environment="".join(f", {k} {v}" for k, v in f.environment.items()),
+        ignored=", ".join(code(e.module) for e in f.fallback),
+        base_model_link=base_model_link(f),
+        environment="".join(f", {text(k)} {text(v)}" for k, v in f.environment.items()),
         original=demote_headings(f.source_card.body) if f.source_card.body else "",
         original_start=ORIGINAL_START, original_end=ORIGINAL_END,
     )

@@ -11,15 +11,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from qformat.cards.markdown import fenced, promote_headings
 from qformat.checkpoint.inspect import inspect
 from qformat.checkpoint.reader import open_checkpoint
 from qformat.spec.config import FallbackEntry
 from qformat.spec.schemes import Scheme
 
-__all__ = ["CardFacts", "SourceCard", "card_facts", "split_source_card", "ORIGINAL_START", "ORIGINAL_END", "MARKER"]
+__all__ = ["CardFacts", "SourceCard", "card_facts", "original_start", "split_source_card", "ORIGINAL_START",
+           "ORIGINAL_END", "MARKER"]
 
 #: First line of every generated card body; `qformat card` recognises its own cards by it.
 MARKER = "<!-- qformat model card"
+#: The lines around the original card a generated card carries: the first START line outside fenced code (config
+#: strings in the card never make one) and the last END line (the card ends with it), so the original card may
+#: itself contain either marker.
 ORIGINAL_START = "<!-- qformat: original model card starts -->"
 ORIGINAL_END = "<!-- qformat: original model card ends -->"
 
@@ -81,6 +86,19 @@ class CardFacts:
         return any(s.sparsity for s in self.schemes.values())
 
     @property
+    def base_model_id(self) -> str | None:
+        """`base_model` if it is a valid Hub repo id (what the metadata and a link may carry), else None."""
+        from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+        if not self.base_model:
+            return None
+        try:
+            validate_repo_id(self.base_model)
+        except HFValidationError:
+            return None
+        return self.base_model
+
+    @property
     def ratio(self) -> float | None:
         return self.source_bytes / self.checkpoint_bytes if self.source_bytes and self.checkpoint_bytes else None
 
@@ -99,23 +117,25 @@ def split_source_card(text: str) -> SourceCard:
             loaded = None
         metadata = loaded if isinstance(loaded, dict) else {}
         body = text[match.end() :]
-    if MARKER in body:  # one of ours: the original card is what it carries between the markers, if anything
-        start, end = body.find(ORIGINAL_START), body.find(ORIGINAL_END)
-        body = body[start + len(ORIGINAL_START) : end].strip("\n") if 0 <= start < end else ""
-        body = _promote_headings(body)
+    if body.lstrip().startswith(MARKER):  # one of ours: the original card is what it carries, if anything
+        body = _carried_original(body)
     return SourceCard(metadata, body.strip("\n"))
 
 
-def _promote_headings(body: str) -> str:
-    """Undo `demote_headings` (the carried card's headings were pushed down two levels)."""
-    out, fenced = [], False
-    for line in body.splitlines():
-        if line.lstrip().startswith("```"):
-            fenced = not fenced
-        if not fenced and line.startswith("###"):
-            line = line[2:]
-        out.append(line)
-    return "\n".join(out)
+def original_start(lines: list[str]) -> int | None:
+    """Index of the ORIGINAL_START line in a generated card's body lines: the first one outside fenced code."""
+    return next((i for i, (line, code) in enumerate(zip(lines, fenced(lines))) if not code and line == ORIGINAL_START),
+                None)
+
+
+def _carried_original(body: str) -> str:
+    """The original card a generated card's body carries between ORIGINAL_START and ORIGINAL_END ("" if none)."""
+    lines = body.split("\n")
+    start = original_start(lines)
+    end = max((i for i, line in enumerate(lines) if line == ORIGINAL_END), default=None)
+    if start is None or end is None or end <= start:
+        return ""
+    return promote_headings("\n".join(lines[start + 1 : end]).strip("\n"))
 
 
 def _auto_class(architecture: str) -> tuple[str, str | None]:
@@ -132,20 +152,23 @@ def card_facts(folder: str | Path) -> CardFacts:
     summary = inspect(folder)
     readme = folder / "README.md"
     source_card = split_source_card(readme.read_text(encoding="utf-8")) if readme.is_file() else SourceCard()
-    architecture = summary.architecture or "unknown"
+    architecture = summary.architecture if isinstance(summary.architecture, str) and summary.architecture else "unknown"
     auto_class, pipeline = _auto_class(architecture)
     sentence_transformers = (folder / "modules.json").is_file()
     if sentence_transformers and auto_class == "AutoModel":
         pipeline = "sentence-similarity"
     meta = source_card.metadata
     source = qc.provenance.get("source") or {}
-    observers = sorted({m.get("observer") for m in (qc.statistics.get("modules") or {}).values()
-                        if isinstance(m, dict) and m.get("observer")})
+    environment = qc.provenance.get("environment")
+    imported = qc.provenance.get("imported_from")
+    modules = qc.statistics.get("modules")
+    observers = sorted({m["observer"] for m in (modules.values() if isinstance(modules, dict) else ())
+                        if isinstance(m, dict) and isinstance(m.get("observer"), str) and m["observer"]})
     return CardFacts(
         architecture=architecture,
-        model_type=summary.model_type or "unknown",
+        model_type=summary.model_type if isinstance(summary.model_type, str) and summary.model_type else "unknown",
         auto_class=auto_class,
-        base_model=summary.base_model,
+        base_model=summary.base_model if isinstance(summary.base_model, str) and summary.base_model else None,
         license=meta.get("license") if isinstance(meta.get("license"), str) else None,
         pipeline_tag=meta.get("pipeline_tag") if isinstance(meta.get("pipeline_tag"), str) else pipeline,
         format_version=qc.format_version,
@@ -165,9 +188,9 @@ def card_facts(folder: str | Path) -> CardFacts:
         max_rel_error=summary.max_rel_error,
         command=str(qc.provenance.get("command") or ""),
         qformat_version=str(qc.provenance.get("qformat_version") or ""),
-        environment=dict(qc.provenance.get("environment") or {}),
-        evaluation=list(qc.evaluation or []),
+        environment={str(k): str(v) for k, v in environment.items()} if isinstance(environment, dict) else {},
+        evaluation=[r for r in qc.evaluation if isinstance(r, dict)] if isinstance(qc.evaluation, list) else [],
         source_card=source_card,
         sentence_transformers=sentence_transformers,
-        imported_from=(qc.provenance.get("imported_from") or {}).get("format"),
+        imported_from=str(imported["format"]) if isinstance(imported, dict) and imported.get("format") else None,
     )

@@ -3,6 +3,8 @@
 The YAML metadata is built with huggingface_hub's `ModelCardData` (so the Hub reads it: `base_model` as a repo id,
 `base_model_relation: quantized`, `model-index` from recorded evaluations) and the body from the Jinja template
 `template.md.j2`. Nothing in the card comes from anywhere but the checkpoint: the same checkpoint gives the same bytes.
+Config strings are untrusted: the templates show each through a filter of `qformat.cards.markdown` (`md`, `code`,
+`cell`, `comment`, `fence`), so none can change the card's structure.
 """
 
 from __future__ import annotations
@@ -11,10 +13,14 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from qformat._version import DISTRIBUTION
+from qformat.cards import markdown
 from qformat.cards.facts import MARKER, ORIGINAL_END, ORIGINAL_START, CardFacts, card_facts
+from qformat.cards.markdown import code, demote_headings, text
 from qformat.checkpoint.inspect import _human
 
-__all__ = ["DEFAULT_REPO_ID", "card_metadata", "render_card", "write_card", "demote_headings"]
+__all__ = ["DEFAULT_REPO_ID", "base_model_link", "card_metadata", "demote_headings", "display_name", "render_card",
+           "template_environment", "write_card"]
 
 #: What the usage snippet loads when no repo id is given (`qformat push` passes the real one).
 DEFAULT_REPO_ID = "path/to/this/checkpoint"
@@ -22,16 +28,29 @@ DEFAULT_REPO_ID = "path/to/this/checkpoint"
 _WORDS = {"int": "INT8", "float": "FP8"}
 
 
-def demote_headings(body: str, levels: int = 2) -> str:
-    """Push every Markdown heading (outside fenced code) `levels` deeper, so a carried card nests under ours."""
-    out, fenced = [], False
-    for line in body.splitlines():
-        if line.lstrip().startswith("```"):
-            fenced = not fenced
-        if not fenced and line.startswith("#"):
-            line = "#" * levels + line
-        out.append(line)
-    return "\n".join(out)
+def template_environment() -> Any:  # -> jinja2.Environment
+    """The Jinja environment of the card templates, with the filters that show untrusted strings safely."""
+    import jinja2
+
+    env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True,
+                             undefined=jinja2.StrictUndefined, autoescape=False)
+    env.filters.update(md=markdown.text, code=markdown.code, cell=lambda value: markdown.code(value, table=True),
+                       comment=markdown.comment, fence=markdown.fence)
+    return env
+
+
+def display_name(f: CardFacts) -> str:
+    """The model's name in a title, as a code span: the base model's name, or the architecture."""
+    return code(f.base_model.split("/")[-1] if f.base_model else f.architecture)
+
+
+def base_model_link(f: CardFacts, *, table: bool = False) -> str:
+    """The base model as a Hub link if it is a repo id; otherwise shown as recorded, and never linked."""
+    if f.base_model_id:
+        return f"[{code(f.base_model_id)}](https://huggingface.co/{f.base_model_id})"
+    if f.base_model:
+        return f"{code(f.base_model, table=table)} (not a Hub repo id)"
+    return "not recorded"
 
 
 def _tags(f: CardFacts) -> list[str]:
@@ -62,8 +81,8 @@ def card_metadata(f: CardFacts, repo_id: str = DEFAULT_REPO_ID) -> Any:  # -> hu
         "license": f.license,
         "pipeline_tag": f.pipeline_tag,
     }
-    if f.base_model:
-        data["base_model"] = f.base_model
+    if f.base_model_id:  # the Hub refuses metadata whose base_model is not a repo id
+        data["base_model"] = f.base_model_id
         data["base_model_relation"] = "quantized"
     if results:
         data["model_name"] = repo_id
@@ -73,22 +92,21 @@ def card_metadata(f: CardFacts, repo_id: str = DEFAULT_REPO_ID) -> Any:  # -> hu
 
 def _title(f: CardFacts) -> str:
     words = "/".join(_WORDS[t] for t in sorted(f.weight_types))
-    name = f.base_model.split("/")[-1] if f.base_model else f.architecture
-    return f"{name} — {words}{' 2:4-sparse' if f.sparse else ''} (qformat)"
+    return f"{display_name(f)} — {words}{' 2:4-sparse' if f.sparse else ''} (qformat)"
 
 
 def _optimizations(f: CardFacts) -> list[str]:
     lines = []
     for name, description in f.scheme_descriptions.items():
         count = f.modules_per_scheme.get(name, 0)
-        lines.append(f"`{name}` on {count} module{'s' if count != 1 else ''}: {description}")
+        lines.append(f"{code(name)} on {count} module{'s' if count != 1 else ''}: {text(description)}")
     if f.overrides:
-        lines.append("per-module overrides: " + ", ".join(f"`{o}`" for o in f.overrides))
+        lines.append("per-module overrides: " + ", ".join(code(o) for o in f.overrides))
     if f.observers:
         lines.append("scales: " + ", ".join(
             {"absmax": "absmax (max |w| / qmax per output channel)",
-             "mse": "MSE-optimal shrink of absmax per output channel (the Neural Magic FP8 recipe's observer)"}.get(o, o)
-            for o in f.observers))
+             "mse": "MSE-optimal shrink of absmax per output channel (the Neural Magic FP8 recipe's observer)"}.get(o)
+            or text(o) for o in f.observers))
     lines.append("2:4 structured sparsity: two of every four weights kept, stored compressed with a bitmask"
                  if f.sparse else "no sparsity")
     return lines
@@ -102,7 +120,7 @@ def _limitations(f: CardFacts) -> list[str]:
         lines.append("fp8 runs natively on CUDA GPUs with compute capability 8.9 or newer; elsewhere the weights stay "
                      "fp8 in memory and are upcast per call, which is slow")
     if f.sparse and f.imported_from:
-        lines.append(f"the 2:4 sparsity comes from the imported {f.imported_from} checkpoint, as it was stored there. "
+        lines.append(f"the 2:4 sparsity comes from the imported {text(f.imported_from)} checkpoint, as it was stored there. "
                      "CPUs decode it to the dense quantized weight at load")
     elif f.sparse:
         lines.append("2:4 sparsity was applied by magnitude pruning without retraining; it costs accuracy unless the "
@@ -130,31 +148,29 @@ def _evaluation_rows(f: CardFacts) -> list[dict[str, str]]:
 
 def render_card(folder: str | Path, *, repo_id: str | None = None) -> str:
     """The README.md text for the checkpoint in `folder` (`repo_id` goes into the usage snippet and model-index)."""
-    import jinja2
-
     f = card_facts(folder)
     repo = repo_id or DEFAULT_REPO_ID
     template = resources.files("qformat.cards").joinpath("template.md.j2").read_text(encoding="utf-8")
-    env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True,
-                             undefined=jinja2.StrictUndefined, autoescape=False)
     ratio = f"{f.ratio:.2f}x smaller" if f.ratio else "-"
     if f.mean_rel_error is not None:
         error = f"mean {f.mean_rel_error:.4g}, max {f.max_rel_error:.4g}"
     elif f.imported_from:
-        error = (f"not measured: this checkpoint was imported from a {f.imported_from} checkpoint, without the "
+        error = (f"not measured: this checkpoint was imported from a {text(f.imported_from)} checkpoint, without the "
                  "full-precision weights to compare against")
     else:
         error = "not recorded"
-    summary = (f"{'`' + f.base_model + '`' if f.base_model else 'This model'} with {f.quantized_modules} of its "
+    summary = (f"{code(f.base_model) if f.base_model else 'This model'} with {f.quantized_modules} of its "
                f"{f.linear_modules} Linear modules quantized to {'/'.join(_WORDS[t] for t in sorted(f.weight_types))} "
                f"by qformat, stored as a qformat v{f.format_version} checkpoint.")
-    text = env.from_string(template).render(
+    return template_environment().from_string(template).render(
         card_data=card_metadata(f, repo).to_yaml(),
         marker=MARKER,
         title=_title(f),
         summary=summary,
         f=f,
-        base_model_link=f"[{f.base_model}](https://huggingface.co/{f.base_model})" if f.base_model else "not recorded",
+        base_model_cell=base_model_link(f, table=True),
+        base_model_link=base_model_link(f),
+        distribution=DISTRIBUTION,
         optimizations=_optimizations(f),
         source_size=_human(f.source_bytes),
         quantized_size=_human(f.checkpoint_bytes),
@@ -164,13 +180,12 @@ def render_card(folder: str | Path, *, repo_id: str | None = None) -> str:
         evaluation_rows=_evaluation_rows(f),
         repo_id=repo,
         kernel_words="/".join(_WORDS[t] for t in sorted(f.weight_types)),
-        environment="".join(f", {name} {version}" for name, version in f.environment.items()),
+        environment="".join(f", {text(name)} {text(version)}" for name, version in f.environment.items()),
         limitations=_limitations(f),
         original=demote_headings(f.source_card.body) if f.source_card.body else "",
         original_start=ORIGINAL_START,
         original_end=ORIGINAL_END,
     )
-    return text
 
 
 def write_card(folder: str | Path, *, repo_id: str | None = None) -> Path:
