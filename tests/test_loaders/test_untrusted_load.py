@@ -6,6 +6,7 @@ Each case converts a tiny Llama, rewrites one tensor of the safetensors file (or
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import re
 import shutil
@@ -140,3 +141,33 @@ def test_tampered_checkpoint_is_refused_on_cuda(converted, tmp_path, case):
     folder = _tampered(converted(scheme), tmp_path / "tampered", tamper)
     with pytest.raises(FormatError, match=re.escape(named)):
         AutoModelForCausalLM.from_pretrained(folder, device_map="cuda")
+
+
+def test_bitmask_rule_matches_brute_force_for_every_byte():
+    """`bitmask_problem` (the one bitmask rule, shared with verify) against a bit-by-bit count, for every byte value
+    inside a row and as the last half byte of a row with in_features % 8 == 4."""
+    from qformat.quantize.sparse24 import BITMASK_NOT_2_4, BITMASK_PADDING, bitmask_problem
+
+    good = 0x33
+    for byte in range(256):
+        low, high = bin(byte & 15).count("1"), bin(byte >> 4).count("1")
+        inside = torch.tensor([[good, byte, good]], dtype=torch.uint8)
+        assert bitmask_problem(inside, 24) == (None if low == high == 2 else BITMASK_NOT_2_4), byte
+        last = torch.tensor([[good, byte]], dtype=torch.uint8)
+        want = BITMASK_NOT_2_4 if low != 2 else (BITMASK_PADDING if high else None)
+        assert bitmask_problem(last, 12) == want, byte
+
+
+def test_static_input_scale_is_checked_too():
+    from qformat.nn import QuantLinear
+    from qformat.spec import resolve_scheme_name
+
+    scheme = resolve_scheme_name("w8a8-int8")[1]
+    act = dataclasses.replace(scheme.input_activations, dynamic=False, strategy="tensor")
+    static = dataclasses.replace(scheme, input_activations=act)
+    assert static.has_static_input_scale
+    module = QuantLinear.from_float(torch.nn.Linear(64, 32), static, input_scale=0.02)
+    assert module.stored_value_problem() is None
+    with torch.no_grad():
+        module.input_scale.fill_(float("nan"))
+    assert module.stored_value_problem() == ("input_scale", "scales must be finite and positive")
