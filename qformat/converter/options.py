@@ -8,7 +8,7 @@ from typing import Any
 
 from qformat.errors import OptionError
 from qformat.quantize.observers import OBSERVERS
-from qformat.spec.patterns import validate_pattern
+from qformat.spec.patterns import PatternSet, RuleSet
 from qformat.spec.schemes import SPARSITY_2_4, Scheme, resolve_scheme_name
 
 __all__ = ["FULL_PRECISION", "ConvertOptions", "parse_override", "parse_size"]
@@ -66,13 +66,12 @@ class ConvertOptions:
             raise OptionError(f"unknown observer {self.observer!r}; choose one of: {', '.join(OBSERVERS)}")
         if self.max_shard_size <= 0:
             raise OptionError("--max-shard-size must be positive")
-        for pattern in self.ignore:
-            validate_pattern(pattern)
+        PatternSet(self.ignore, what="--ignore")  # each pattern valid, within the length and count limits
+        RuleSet(self.overrides, what="--override")
         schemes: dict[str, Scheme] = {}
         default, scheme = resolve_scheme_name(self.scheme, sparsity=self.sparsity)
         schemes[default] = scheme
-        for pattern, target in self.overrides:
-            validate_pattern(pattern)
+        for _, target in self.overrides:
             if target.strip().lower() != FULL_PRECISION:
                 name, sch = resolve_scheme_name(target, sparsity=self.sparsity)
                 schemes[name] = sch

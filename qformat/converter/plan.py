@@ -22,7 +22,7 @@ from qformat.errors import OptionError
 from qformat.spec.config import FallbackEntry, QFormatConfig
 from qformat.spec.fused import FusedGroups, fused_groups_for, group_modules
 from qformat.spec.layout import shape_problem
-from qformat.spec.patterns import REGEX_PREFIX, first_match, pattern_matches
+from qformat.spec.patterns import REGEX_PREFIX, PatternSet, RuleSet, pattern_matches
 from qformat.spec.schemes import Scheme
 
 __all__ = ["ConversionPlan", "ModuleDecision", "plan_conversion"]
@@ -78,7 +78,7 @@ class ConversionPlan:
 def _check_exact_names(patterns: list[str], names: set[str], flag: str) -> None:
     for pattern in patterns:
         if pattern.startswith(REGEX_PREFIX):
-            if not any(pattern_matches(pattern, n) for n in names):
+            if not any(pattern_matches(pattern, n) for n in names):  # bounded: a slow pattern is refused
                 logger.warning("%s %s matches no Linear module", flag, pattern)
         elif pattern not in names:
             raise OptionError(
@@ -87,9 +87,10 @@ def _check_exact_names(patterns: list[str], names: set[str], flag: str) -> None:
             )
 
 
-def _initial(module: LinearModule, options: ConvertOptions, overrides: list[tuple[str, str]]) -> ModuleDecision:
+def _initial(module: LinearModule, options: ConvertOptions, overrides: RuleSet[str],
+             ignore: PatternSet) -> ModuleDecision:
     name = module.name
-    rule = first_match(overrides, name)
+    rule = overrides.first(name)
     exact_rule = rule is not None and rule[0] == name
     if module.tied:
         if exact_rule and rule[1] != FULL_PRECISION:
@@ -104,9 +105,9 @@ def _initial(module: LinearModule, options: ConvertOptions, overrides: list[tupl
     if module.output_embedding and not exact_rule:
         return ModuleDecision(module, fallback=FallbackEntry(
             module=name, reason="default", detail="output embedding kept in full precision by default"))
-    for pattern in options.ignore:
-        if pattern_matches(pattern, name):
-            return ModuleDecision(module, fallback=FallbackEntry(module=name, reason="user", detail=f"--ignore {pattern}"))
+    pattern = ignore.matching(name)
+    if pattern is not None:
+        return ModuleDecision(module, fallback=FallbackEntry(module=name, reason="user", detail=f"--ignore {pattern}"))
     if rule is not None and rule[1] == FULL_PRECISION:
         return ModuleDecision(module, fallback=FallbackEntry(
             module=name, reason="user", detail=f"--override {rule[0]}={FULL_PRECISION}"))
@@ -143,7 +144,9 @@ def plan_conversion(structure: ModelStructure, options: ConvertOptions) -> Conve
     _check_exact_names(list(options.ignore), names, "--ignore")
     _check_exact_names([p for p, _ in options.overrides], names, "--override")
     overrides = [(p, options.canonical_override(s)) for p, s in options.overrides]
-    decisions = {name: _initial(m, options, overrides) for name, m in structure.linears.items()}
+    rules = RuleSet(overrides, what="--override")
+    ignore = PatternSet(options.ignore, what="--ignore")
+    decisions = {name: _initial(m, options, rules, ignore) for name, m in structure.linears.items()}
     table = fused_groups_for(structure.model_type)
     _enforce_fused(decisions, group_modules(list(structure.linears), table))
     scheme_overrides = tuple((p, s) for p, s in overrides if s != FULL_PRECISION)

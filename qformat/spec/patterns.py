@@ -178,14 +178,21 @@ class PatternSet:
     def __init__(self, patterns: Iterable[str], *, what: str = "the pattern list") -> None:
         listed = [validate_pattern(p) for p in patterns]
         _check_count(listed, what)
-        self.exact = frozenset(p for p in listed if not p.startswith(REGEX_PREFIX))
-        self.regexes = tuple(dict.fromkeys(p for p in listed if p.startswith(REGEX_PREFIX)))
+        self.exact: dict[str, int] = {}
+        for i, p in enumerate(listed):
+            if not p.startswith(REGEX_PREFIX):
+                self.exact.setdefault(p, i)
+        self.regexes = tuple((i, p) for i, p in enumerate(listed) if p.startswith(REGEX_PREFIX))
 
     def matching(self, name: str) -> str | None:
-        """The pattern that selects `name` (an exact name before any `re:` pattern), or None."""
-        if name in self.exact:
-            return name
-        return next((p for p in self.regexes if pattern_matches(p, name)), None)
+        """The first pattern in list order that selects `name`, or None."""
+        position = self.exact.get(name)
+        for i, pattern in self.regexes:
+            if position is not None and i > position:
+                break
+            if pattern_matches(pattern, name):
+                return pattern
+        return name if position is not None else None
 
     def matches(self, name: str) -> bool:
         return self.matching(name) is not None

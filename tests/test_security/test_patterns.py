@@ -156,3 +156,10 @@ def test_a_hostile_override_in_a_checkpoint_is_one_error(converted, tmp_path, en
     }
     with pytest.raises(QFormatError, match="backtracks catastrophically"):
         _guarded(calls[entry])
+
+
+def test_pattern_set_answers_like_the_list_it_compiles():
+    patterns = ["re:.*up_proj", "model.layers.0.mlp.up_proj", "lm_head", "re:model\\.layers\\.\\d+\\.mlp\\..*"]
+    table = PatternSet(patterns)
+    for name in NAMES:
+        assert table.matching(name) == next((p for p in patterns if pattern_matches(p, name)), None), name
