@@ -139,8 +139,8 @@ LAYER_COUNT_SLACK = 256
 
 def _numbered_extent(names: Iterable[str]) -> int:
     """The number of layers tensor names hold: the largest integer path component + 1 (0 if none)."""
-    return max((int(part) + 1 for name in names for part in name.split(".") if part.isdigit() and len(part) < 10),
-               default=0)
+    numbers = (part for name in names for part in name.split(".") if part.isascii() and part.isdigit())
+    return max((int(part) + 1 for part in numbers if len(part) < 10), default=0)
 
 
 def _layer_counts(raw: Any, path: str = "") -> Iterator[tuple[str, Any]]:
