@@ -118,7 +118,8 @@ def split_source_card(text: str) -> SourceCard:
         metadata = loaded if isinstance(loaded, dict) else {}
         body = text[match.end() :]
     if body.lstrip().startswith(MARKER):  # one of ours: the original card is what it carries, if anything
-        body = _carried_original(body)
+        carried = _carried_original(body)
+        body = body if carried is None else carried
     return SourceCard(metadata, body.strip("\n"))
 
 
@@ -128,14 +129,17 @@ def original_start(lines: list[str]) -> int | None:
                 None)
 
 
-def _carried_original(body: str) -> str:
-    """The original card a generated card's body carries between ORIGINAL_START and ORIGINAL_END ("" if none)."""
-    lines = body.split("\n")
+def _carried_original(body: str) -> str | None:
+    """The original card a generated card's body carries between ORIGINAL_START and ORIGINAL_END ("" if none), or
+    None where the body only starts like a generated card (it has a START line but does not end with END): then the
+    whole body is someone else's card, and nothing of it may be dropped."""
+    lines = body.rstrip().split("\n")
     start = original_start(lines)
-    end = max((i for i, line in enumerate(lines) if line == ORIGINAL_END), default=None)
-    if start is None or end is None or end <= start:
+    if start is None:
         return ""
-    return promote_headings("\n".join(lines[start + 1 : end]).strip("\n"))
+    if len(lines) - 1 <= start or lines[-1] != ORIGINAL_END:
+        return None
+    return promote_headings("\n".join(lines[start + 1 : -1]).strip("\n"))
 
 
 def _auto_class(architecture: str) -> tuple[str, str | None]:

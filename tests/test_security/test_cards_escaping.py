@@ -9,12 +9,14 @@ from pathlib import Path
 
 import pytest
 import yaml
+from click.testing import CliRunner
 from huggingface_hub import ModelCard
 from markdown_it import MarkdownIt
 
 import qformat
 from qformat.cards import check_card, render_card
 from qformat.cards.facts import MARKER, ORIGINAL_END, ORIGINAL_START
+from qformat.cli.main import cli
 
 #: Everything a string can do to Markdown, YAML front matter and HTML comments, in one value.
 HOSTILE = ("a|b `c` ```d\n# Heading\r\nline\u2028<script>x</script> --> --!> <!-- [l](javascript:alert(1)) "
@@ -132,6 +134,12 @@ def test_hostile_card_passes_its_own_check_and_renders_stably(hostile_ckpt):
     assert check_card(hostile_ckpt, text) == []
     (hostile_ckpt / "README.md").write_text(text, encoding="utf-8")
     assert render_card(hostile_ckpt) == text  # no original card appears from config strings that look like one
+    runner = CliRunner()
+    written = runner.invoke(cli, ["card", str(hostile_ckpt)])
+    assert written.exit_code == 0, written.output
+    assert (hostile_ckpt / "README.md").read_text(encoding="utf-8") == text
+    checked = runner.invoke(cli, ["card", "--check", str(hostile_ckpt)])
+    assert checked.exit_code == 0 and "ok:" in checked.output, checked.output
 
 
 def test_valid_base_model_is_linked_and_in_the_metadata(hostile_ckpt):
@@ -165,7 +173,8 @@ tail\x0cwith a form feed\u2028and a line separator"""
 @pytest.mark.parametrize("source", [
     SOURCE_BODY,
     f"---\nlicense: mit\n---\n{SOURCE_BODY}",
-], ids=["plain", "with-metadata"])
+    f"{MARKER} -->\n{ORIGINAL_START}\nx\n{ORIGINAL_END}\n{ORIGINAL_END}\ntail after the last end marker",
+], ids=["plain", "with-metadata", "starts-like-a-generated-card"])
 def test_carried_original_card_with_markers_loses_nothing(tiny_ckpt, tmp_path, source):
     folder = Path(shutil.copytree(tiny_ckpt, tmp_path / "with-card"))
     (folder / "README.md").write_text(source, encoding="utf-8")
