@@ -1,10 +1,12 @@
 """Copy every non-weight file of the source (tokenizer, generation config, sentence-transformers modules, ...).
 
-Only regular files that lie inside SOURCE are copied. A SOURCE is untrusted (downloaded from strangers), so links
-are never walked into: a symlink to a folder, a symlink to a file outside SOURCE (a stored token, /etc/...), a
-dangling link and anything that is not a regular file (a pipe, a device) are refused with one line naming them.
-A symlink to a file inside SOURCE is copied as the file it names; for a snapshot in the Hugging Face cache, whose
-files are all links into the repo's blobs folder, "inside" means inside the repo's cache folder (`link_root`).
+Only regular files that lie inside SOURCE are copied. A SOURCE is untrusted (downloaded from strangers), so links to
+folders are never walked into, and these are refused with one line naming them: a symlink to a folder outside SOURCE
+(`up -> ..`, /etc/ssl), a symlink to a file outside SOURCE (a stored token), a dangling link, and anything that is
+not a regular file (a pipe, a device). A link to a folder inside SOURCE is not entered (its files are copied from
+where they lie); a symlink to a file inside SOURCE is copied as the file it names. For a snapshot in the Hugging Face
+cache, whose files are all links into the repo's blobs folder, "inside" means inside the repo's cache folder
+(`link_root`).
 """
 
 from __future__ import annotations
@@ -42,14 +44,14 @@ def copy_support_files(source: Path, target: Path, *, root: Path | None = None) 
     regular file. Links to folders are never followed.
 
     Raises:
-        SourceError: a link to a folder, a link leading outside `root`, a dangling link, or a file that is not a
-            regular file (named in the message).
+        SourceError: a link to a folder outside `source`, a link to a file outside `root`, a dangling link, or a file
+            that is not a regular file (named in the message).
     """
     source = Path(source)
     trusted = Path(os.path.realpath(root if root is not None else link_root(source)))
     copied: list[str] = []
     skipped: list[str] = []
-    for rel in _walk(source):
+    for rel in _walk(source, Path(os.path.realpath(source))):
         if rel in _WRITTEN:
             continue
         if is_weight_file(rel):
@@ -66,17 +68,21 @@ def copy_support_files(source: Path, target: Path, *, root: Path | None = None) 
     return copied, skipped
 
 
-def _walk(source: Path) -> list[str]:
-    """Every file under `source` (relative, sorted), without following links; a link to a folder is refused."""
+def _walk(source: Path, real_source: Path) -> list[str]:
+    """Every file under `source` (relative, sorted), without following links to folders.
+
+    A link to a folder inside SOURCE is not entered (what it names is copied from where it lies, once, and a loop
+    such as `extra/loop -> ..` ends there); a link to a folder anywhere else is refused.
+    """
     found: list[str] = []
     for root, dirs, files in os.walk(source):  # followlinks=False: a linked folder is listed, never entered
         rel_root = Path(root).relative_to(source)
-        for name in sorted(dirs):
-            if name not in _SKIP_DIRS and os.path.islink(os.path.join(root, name)):
-                raise SourceError(f"{(rel_root / name).as_posix()} in SOURCE is a symlink to a folder, which qformat "
-                                  f"does not follow (it can lead outside SOURCE); {_FIX}: replace it with a real "
-                                  "folder or remove it")
-        dirs[:] = sorted(d for d in dirs if d not in _SKIP_DIRS)
+        for name in dirs:
+            path = os.path.join(root, name)
+            if os.path.islink(path) and not Path(os.path.realpath(path)).is_relative_to(real_source):
+                raise SourceError(f"{(rel_root / name).as_posix()} in SOURCE is a symlink to a folder outside SOURCE; "
+                                  f"{_FIX}: replace it with a real folder or remove it")
+        dirs[:] = sorted(d for d in dirs if d not in _SKIP_DIRS and not os.path.islink(os.path.join(root, d)))
         found += [(rel_root / name).as_posix() for name in sorted(files)]
     return found
 

@@ -74,8 +74,8 @@ def check_output_location(output: Path, *, source: Path | None, overwrite: bool)
     if source is not None:
         src = source.resolve()
         if _is_within(out, src):
-            raise OutputError(f"OUTPUT {output} lies inside SOURCE {source}; write it somewhere else (sources are never "
-                              "modified)")
+            raise OutputError(f"OUTPUT {output} lies inside SOURCE {source}; write it somewhere else (sources are "
+                              "never modified)")
         if _is_within(src, out):
             raise OutputError(f"OUTPUT {output} contains SOURCE {source}; choose an OUTPUT outside the source")
     if output.exists() or output.is_symlink():
