@@ -99,14 +99,17 @@ def _load_config(folder: Path, raw: dict[str, Any], *, quantized: bool = False):
             ) from None
         if isinstance(model_type, str) and model_type in _known_model_types():
             raise UnsupportedModelError(
-                f"transformers {transformers.__version__} refuses this config.json ({_first_line(exc)}); fix config.json"
+                f"transformers {transformers.__version__} refuses this config.json ({_first_line(exc)}); "
+                "fix config.json"
             ) from None
         raise UnsupportedModelError(
             f"unknown architecture: transformers {transformers.__version__} does not know model_type {model_type!r} "
             f"({_first_line(exc)}); upgrade transformers or convert a supported model"
         ) from None
     except Exception as exc:  # config classes raise anything (TypeError, validators' errors) on values they refuse
-        raise UnsupportedModelError(f"transformers refuses this config.json ({_first_line(exc)}); fix config.json") from None
+        raise UnsupportedModelError(
+            f"transformers refuses this config.json ({_first_line(exc)}); fix config.json"
+        ) from None
 
 
 def _known_model_types() -> set[str]:

@@ -6,7 +6,18 @@ Importing this subpackage does not import torch. docs/FORMAT.md is the normative
 from qformat.spec.config import FALLBACK_REASONS, FORMAT_VERSION, QUANT_METHOD, FallbackEntry, QFormatConfig
 from qformat.spec.fused import DEFAULT_FUSED_GROUPS, FUSED_GROUPS_BY_MODEL_TYPE, fused_groups_for, group_modules
 from qformat.spec.layout import DTYPE_SIZES, SCALE_DTYPE, TensorSpec, module_tensors, quantized_nbytes, shape_problem
-from qformat.spec.patterns import REGEX_PREFIX, first_match, pattern_matches, validate_pattern
+from qformat.spec.patterns import (
+    MATCH_TIMEOUT_S,
+    MAX_PATTERN_LENGTH,
+    MAX_REGEX_PATTERNS,
+    PATTERN_BUDGET_S,
+    REGEX_PREFIX,
+    PatternSet,
+    RuleSet,
+    first_match,
+    pattern_matches,
+    validate_pattern,
+)
 from qformat.spec.schemes import BUILTIN_SCHEMES, SPARSITY_2_4, QuantArgs, Scheme, resolve_scheme_name, scheme_names
 
 __all__ = [
@@ -16,13 +27,19 @@ __all__ = [
     "FALLBACK_REASONS",
     "FORMAT_VERSION",
     "FUSED_GROUPS_BY_MODEL_TYPE",
+    "MATCH_TIMEOUT_S",
+    "MAX_PATTERN_LENGTH",
+    "MAX_REGEX_PATTERNS",
+    "PATTERN_BUDGET_S",
     "QUANT_METHOD",
     "REGEX_PREFIX",
     "SCALE_DTYPE",
     "SPARSITY_2_4",
     "FallbackEntry",
+    "PatternSet",
     "QFormatConfig",
     "QuantArgs",
+    "RuleSet",
     "Scheme",
     "TensorSpec",
     "first_match",

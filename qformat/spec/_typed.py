@@ -32,7 +32,8 @@ def short(value: Any) -> str:
 
 
 def _wrong(path: str, wanted: str, value: Any) -> FormatError:
-    return FormatError(f"{path} must be {wanted}, got {json_type(value)} {short(value)}; fix the checkpoint's config.json")
+    return FormatError(f"{path} must be {wanted}, got {json_type(value)} {short(value)}; "
+                       "fix the checkpoint's config.json")
 
 
 def object_at(value: Any, path: str, *, nullable: bool = False) -> dict[str, Any] | None:

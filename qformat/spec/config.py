@@ -187,7 +187,8 @@ class QFormatConfig:
             provenance=_provenance(data.get("provenance", {})),
             statistics=_statistics(data.get("statistics", {})),
             evaluation=_evaluation(data.get("evaluation")),
-            fallback_search=object_at(data.get("fallback_search"), "quantization_config.fallback_search", nullable=True),
+            fallback_search=object_at(data.get("fallback_search"), "quantization_config.fallback_search",
+                                      nullable=True),
         )
 
 

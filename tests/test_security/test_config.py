@@ -178,7 +178,8 @@ STRUCTURE_CASES: dict[str, tuple[Callable[[dict[str, Any]], None], str]] = {
                                "config.json says num_hidden_layers=100000 but the weights hold 2 layers"),
     "nested layer count": (_set("text_config", {"num_hidden_layers": 10**9}), "text_config.num_hidden_layers"),
     "more layers than stored": (_set("num_hidden_layers", 4), "builds 4 numbered layers but the weights hold 2"),
-    "sizes disagree": (_set("intermediate_size", 256), r"is \[\d+, \d+\] in the weights but config.json makes it \[\d+, \d+\]"),
+    "sizes disagree": (_set("intermediate_size", 256),
+                       r"is \[\d+, \d+\] in the weights but config.json makes it \[\d+, \d+\]"),
     "heads do not divide": (_set("num_attention_heads", 3), r"not a multiple of the number of attention heads \(3\)"),
     "unknown model_type": (_set("model_type", "not-a-model"), "transformers cannot load this checkpoint"),
 }

@@ -28,7 +28,8 @@ from qformat.spec.patterns import (
 #: Seconds a call may run before the test calls it a hang (the old code ran for minutes per module name).
 GUARD_S = 20
 
-HOSTILE = [r"re:(a|aa)+$", r"re:(\w|\w\w|_|\.)+$x", r"re:(\w+\.?)*x$", r"re:(.*a){20}$", r"re:((m|mo)+)+z", r"re:(([a-z.0-9_]+)*)*!$"]
+HOSTILE = [r"re:(a|aa)+$", r"re:(\w|\w\w|_|\.)+$x", r"re:(\w+\.?)*x$", r"re:(.*a){20}$", r"re:((m|mo)+)+z",
+           r"re:(([a-z.0-9_]+)*)*!$"]
 
 
 def _guarded(call: Callable[[], Any]) -> Any:
