@@ -3,9 +3,9 @@
 The checks target the mistakes seen on published quantized cards: a dtype word that does not match the weights
 ("INT4" on an FP8 model), Linear counts that do not match the fallback list, a size table that went stale, and
 metadata without `base_model` (the Hub then cannot link the model to its base). The carried-over original card is
-not checked: it describes the source model. Nor are code (spans and fenced blocks) and link targets: a card shows
-data there (module and scheme names, the base model, the recorded command), which may contain any word without
-claiming it.
+not checked: it describes the source model. Nor is what the card shows as data (code spans and blocks, link
+targets, HTML comments, and config strings such as fallback details and versions shown as text): a checkpoint's
+names and strings may contain any word without the card claiming it.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 
 from qformat.cards.facts import CardFacts, card_facts, original_start, split_source_card
 from qformat.cards.markdown import fenced
-from qformat.cards.render import _WORDS, _tags
+from qformat.cards.render import _WORDS, _tags, free_text
 from qformat.checkpoint.inspect import _human
 
 __all__ = ["check_card"]
@@ -26,6 +26,7 @@ _COUNT = re.compile(r"(\d+)\s+of\s+(?:its\s+)?(\d+)\s+Linear modules", re.IGNORE
 _SIZE_ROW = re.compile(r"^\|\s*Weights\s*\|\s*([^|]+?)\s*\|\s*([^|]+?)\s*\|", re.MULTILINE)
 _CODE_SPAN = re.compile(r"(?<!`)(`+)(?!`).*?(?<!`)\1(?!`)")
 _LINK_TARGET = re.compile(r"(?<=\])\([^()\s]*\)")
+_COMMENT = re.compile(r"<!--.*?-->")
 
 
 def _allowed_words(f: CardFacts) -> set[str]:
@@ -45,11 +46,15 @@ def _own_text(readme: str) -> str:
     return "\n".join(lines if start is None else lines[:start])
 
 
-def _prose(own: str) -> str:
-    """`own` without code (fenced blocks, inline code spans) and link targets: data and addresses, not claims."""
+def _prose(own: str, data: list[str]) -> str:
+    """`own` without what is data, not claims: code (fenced blocks, code spans), link targets, HTML comments and the
+    checkpoint's own strings shown as text (`data`)."""
     lines = own.split("\n")
-    return "\n".join(_LINK_TARGET.sub("", _CODE_SPAN.sub("", line)) for line, code in zip(lines, fenced(lines))
-                     if not code)
+    kept = [line for line, code in zip(lines, fenced(lines)) if not code]
+    prose = "\n".join(kept)
+    for value in sorted(data, key=len, reverse=True):  # first: an escaped string may look like code or a link
+        prose = prose.replace(value, " ")
+    return _COMMENT.sub("", _LINK_TARGET.sub("", _CODE_SPAN.sub("", prose)))
 
 
 def check_card(folder: str | Path, text: str | None = None) -> list[str]:
@@ -74,7 +79,7 @@ def check_card(folder: str | Path, text: str | None = None) -> list[str]:
     if missing_tags:
         problems.append(f"tags lack {', '.join(missing_tags)}")
     own = _own_text(text)
-    prose = _prose(own)
+    prose = _prose(own, free_text(f))
     allowed = _allowed_words(f)
     for word in dict.fromkeys(m.group(1).lower() for m in _DTYPE_WORD.finditer(prose)):
         if word not in allowed:

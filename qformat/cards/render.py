@@ -19,8 +19,8 @@ from qformat.cards.facts import MARKER, ORIGINAL_END, ORIGINAL_START, CardFacts,
 from qformat.cards.markdown import code, demote_headings, text
 from qformat.checkpoint.inspect import _human
 
-__all__ = ["DEFAULT_REPO_ID", "base_model_link", "card_metadata", "demote_headings", "display_name", "render_card",
-           "template_environment", "write_card"]
+__all__ = ["DEFAULT_REPO_ID", "base_model_link", "card_metadata", "demote_headings", "display_name", "free_text",
+           "render_card", "template_environment", "write_card"]
 
 #: What the usage snippet loads when no repo id is given (`qformat push` passes the real one).
 DEFAULT_REPO_ID = "path/to/this/checkpoint"
@@ -51,6 +51,15 @@ def base_model_link(f: CardFacts, *, table: bool = False) -> str:
     if f.base_model:
         return f"{code(f.base_model, table=table)} (not a Hub repo id)"
     return "not recorded"
+
+
+def free_text(f: CardFacts) -> list[str]:
+    """The config strings a card shows as inline text (not as code), as they appear in it: what `card --check`
+    must read as data, not as claims of the card."""
+    values = [e.detail for e in f.fallback] + [e.reason for e in f.fallback] + [f.qformat_version]
+    values += [str(r.get(key, "")) for r in f.evaluation for key in ("task", "dataset", "metric")]
+    values += [*f.environment.keys(), *f.environment.values(), *f.observers, f.imported_from or ""]
+    return [text(v) for v in values if v]
 
 
 def _tags(f: CardFacts) -> list[str]:
