@@ -186,7 +186,7 @@ def _build_meta_model(config) -> torch.nn.Module:  # config: transformers.Pretra
     except Exception as exc:  # model constructors raise anything on configs they do not accept
         arch = (config.architectures or [config.model_type])[0]
         raise UnsupportedModelError(
-            f"transformers cannot build {arch} from this config.json ({type(exc).__name__}: {str(exc)[:120]}); "
+            f"transformers cannot build {arch} from this config.json ({type(exc).__name__}: {_first_line(exc)}); "
             "check the config or upgrade transformers"
         ) from None
 
@@ -233,8 +233,10 @@ def _check_against_model(model: torch.nn.Module, modules: Mapping[str, torch.nn.
     layers than the weights hold. transformers would otherwise fail to load the weights, or drop or re-initialize
     some of them without an error. (Other tensors of quantized layouts are checked by verify and the importer.)"""
     expected = {name: tuple(t.shape) for name, t in model.state_dict(keep_vars=True).items()}
+    renamed_keys = []
     for key, shape in shapes.items():
         renamed, converted = rename(key)
+        renamed_keys.append(renamed)
         module_name, _, suffix = renamed.rpartition(".")
         if converted:
             continue
@@ -248,7 +250,7 @@ def _check_against_model(model: torch.nn.Module, modules: Mapping[str, torch.nn.
             raise error(f"{key} is {list(shape)} in the weights but config.json makes it {list(want)}; the config "
                         "and the weights disagree (fix config.json or re-download the model)")
     built = _numbered_extent(name for name, _ in model.named_parameters())
-    held = _numbered_extent(rename(key)[0] for key in shapes)
+    held = _numbered_extent(renamed_keys)
     if built > held:
         raise error(f"config.json builds {built} numbered layers but the weights hold {held}; fix config.json or "
                     "re-download the model")

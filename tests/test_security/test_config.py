@@ -235,3 +235,25 @@ def test_import_of_a_malformed_compressed_tensors_config_is_one_error(ct_source,
         qformat.import_compressed_tensors(folder, tmp_path / "out")
     result = CliRunner().invoke(cli, ["import", str(folder), str(tmp_path / "out2")])
     assert result.exit_code == 2 and "internal error" not in result.output, result.output
+
+
+# -- the same config/weights checks guard `convert`: a source transformers would misload is refused ---------------
+
+SOURCE_CASES: dict[str, tuple[Callable[[dict[str, Any]], None], str]] = {
+    "oversized architecture": (_set("num_hidden_layers", 100_000), "num_hidden_layers=100000 but the weights hold 2"),
+    "sizes disagree": (_set("intermediate_size", 256), "in the weights but config.json makes it"),
+    "deep nesting": (_set("x", json.loads("[" * 200 + "]" * 200)), "deeper than"),
+}
+
+
+@pytest.mark.parametrize("case", list(SOURCE_CASES))
+def test_convert_refuses_a_source_whose_config_disagrees_with_its_weights(tiny_models, tmp_path, case):
+    edit, match = SOURCE_CASES[case]
+    source = tmp_path / "source"
+    shutil.copytree(tiny_models["llama"], source)
+    config = json.loads((source / "config.json").read_text())
+    edit(config)
+    (source / "config.json").write_text(json.dumps(config))
+    with pytest.raises(QFormatError, match=match):
+        qformat.convert(source, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
