@@ -31,8 +31,8 @@ def read_weight_index(folder: Path, index: str) -> tuple[dict[str, str], list[st
                                      "re-download or re-save the model")
     limit = safetensors_format.MAX_TENSORS_PER_CHECKPOINT
     if len(weight_map) > limit:
-        raise CorruptCheckpointError(f"{index} maps more than {limit:,} tensors, qformat's limit per checkpoint; a real "
-                                     "model needs far fewer, so the index is damaged or crafted (re-download it)")
+        raise CorruptCheckpointError(f"{index} maps more than {limit:,} tensors, qformat's limit per checkpoint; "
+                                     "a real model needs far fewer, so the index is damaged or crafted (re-download it)")
     files: dict[str, None] = {}  # insertion-ordered set: first-mention order, O(1) lookups
     for tensor, name in weight_map.items():
         if not isinstance(name, str) or not name:

@@ -262,8 +262,8 @@ def _tensor_limit(path: Path, tensors_before: int) -> tuple[int, str]:
     """How many tensors `path` may hold, and the limit's wording for the error."""
     left = MAX_TENSORS_PER_CHECKPOINT - tensors_before
     if left < MAX_TENSORS_PER_FILE:
-        return max(left, 0), (f"the checkpoint would hold more than {MAX_TENSORS_PER_CHECKPOINT:,} tensors in one "
-                              "checkpoint, qformat's limit")
+        return max(left, 0), (f"{path.name} takes the checkpoint to more than {MAX_TENSORS_PER_CHECKPOINT:,} tensors, "
+                              "qformat's limit per checkpoint")
     return MAX_TENSORS_PER_FILE, (f"{path.name} holds more than {MAX_TENSORS_PER_FILE:,} tensors, qformat's limit "
                                   "per file")
 
@@ -280,31 +280,39 @@ def read_header(path: Path, *, tensors_before: int = 0) -> SafetensorsHeader:
     refused before it is built in memory. A truncated file fails here, before any tensor is read.
     """
     raw, file_size = _read_header_bytes(path)
-    limit, limit_text = _tensor_limit(path, tensors_before)
+    data_start = 8 + len(raw)
     try:
-        try:
-            header = _parse_json(raw, limit + 2)  # each tensor is one object, plus the root and __metadata__
-        except _TooManyObjects:
-            header = None
-        if header is not None and not isinstance(header, dict):
-            raise _Refused("header is not a JSON object")
-        if header is None or len(header) - ("__metadata__" in header) > limit:
-            raise CorruptCheckpointError(f"{limit_text}; a real model needs far fewer, so this file is damaged or "
-                                         "crafted (re-download it)")
-        metadata = header.pop("__metadata__", None)
-        if metadata is None:
-            metadata = {}
-        elif type(metadata) is not dict or not all(type(v) is str for v in metadata.values()):
-            raise _Refused(f"__metadata__ must map strings to strings, not {_show(metadata)}")
-        if b"\\u" in raw:  # only an escape can produce a lone surrogate
-            _check_unicode(header, "a tensor name")
-            _check_unicode((*metadata, *metadata.values()), "__metadata__")
-        data_start = 8 + len(raw)
-        entries = [_entry(name, info, data_start) for name, info in header.items()]
+        metadata, table = _split_header(path, raw, tensors_before)
+        entries = [_entry(name, info, data_start) for name, info in table.items()]
     except _Refused as exc:
         raise _corrupt(path, str(exc)) from None
     _check_tiling(path, entries, data_start, file_size)
     return SafetensorsHeader(path, raw, data_start, file_size, metadata, {e.name: e for e in entries})
+
+
+def _split_header(path: Path, raw: bytes, tensors_before: int) -> tuple[dict[str, str], dict[str, Any]]:
+    """The header's `__metadata__` and its table of tensor entries (not yet checked one by one), once the JSON, the
+    tensor count, the metadata types and the names' Unicode are checked."""
+    limit, limit_text = _tensor_limit(path, tensors_before)
+    too_many = CorruptCheckpointError(f"{limit_text}; a real model needs far fewer, so this file is damaged or "
+                                      "crafted (re-download it)")
+    try:
+        table = _parse_json(raw, limit + 2)  # each tensor is one object, plus the root and __metadata__
+    except _TooManyObjects:
+        raise too_many from None
+    if not isinstance(table, dict):
+        raise _Refused("header is not a JSON object")
+    if len(table) - ("__metadata__" in table) > limit:
+        raise too_many
+    metadata = table.pop("__metadata__", None)
+    if metadata is None:  # serde reads `"__metadata__": null` as no metadata
+        metadata = {}
+    elif type(metadata) is not dict or not all(type(v) is str for v in metadata.values()):
+        raise _Refused(f"__metadata__ must map strings to strings, not {_show(metadata)}")
+    if b"\\u" in raw:  # only an escape can produce a lone surrogate
+        _check_unicode(table, "a tensor name")
+        _check_unicode((*metadata, *metadata.values()), "__metadata__")
+    return metadata, table
 
 
 def _check_tiling(path: Path, entries: list[HeaderEntry], data_start: int, file_size: int) -> None:

@@ -83,6 +83,7 @@ REFUSED = {
     "nesting 128 deep": ('{"a":' + _tensor(extra=',"x":' + "[" * 126 + "]" * 126) + "}", b""),
     "nesting 100000 deep": ('{"a":' + _tensor(extra=',"x":' + "[" * 100_000 + "]" * 100_000) + "}", b""),
     "header is a list": ("[]", b""),
+    "header is null": ("null", b""),
     "byte-order mark": ("\ufeff{}", b""),
     "NUL padding": ("{}\0\0\0\0\0\0", b""),
     "second tensor overlaps": (f'{{{U8x4},"b":{_tensor("[2]", "[2,4]")}}}', b"1234"),
@@ -158,7 +159,7 @@ def test_tensor_count_per_checkpoint_is_capped(good, monkeypatch):
     monkeypatch.setattr(stf, "MAX_TENSORS_PER_CHECKPOINT", count)
     open_checkpoint(good)
     monkeypatch.setattr(stf, "MAX_TENSORS_PER_CHECKPOINT", count - 1)
-    with pytest.raises(FormatError, match=f"more than {count - 1} tensors in one checkpoint"):
+    with pytest.raises(FormatError, match=f"more than {count - 1} tensors, qformat's limit per checkpoint"):
         open_checkpoint(good)
 
 
