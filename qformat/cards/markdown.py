@@ -12,7 +12,8 @@ import re
 
 __all__ = ["code", "comment", "demote_headings", "fence", "fenced", "one_line", "promote_headings", "text"]
 
-_UNPRINTABLE = re.compile("[\x00-\x08\x0e-\x1b\x1f\x7f\ud800-\udfff]")  # C0 controls (not line breaks) and lone surrogates
+#: C0 controls that are not line breaks, and lone surrogates (which cannot be written as UTF-8)
+_UNPRINTABLE = re.compile("[\x00-\x08\x0e-\x1b\x1f\x7f\ud800-\udfff]")
 _ENTITIES = {"&": "&amp;", "<": "&lt;", ">": "&gt;"}
 _PUNCTUATION = re.compile(r"([\\`*\[\]|#!~])")  # what opens code, emphasis, links, images, tables, headings, strikes
 _EDGE_UNDERSCORE = re.compile(r"(?<![0-9A-Za-z])_|_(?![0-9A-Za-z])")  # intraword `_` never emphasizes: left as is

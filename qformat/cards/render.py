@@ -129,8 +129,8 @@ def _limitations(f: CardFacts) -> list[str]:
         lines.append("fp8 runs natively on CUDA GPUs with compute capability 8.9 or newer; elsewhere the weights stay "
                      "fp8 in memory and are upcast per call, which is slow")
     if f.sparse and f.imported_from:
-        lines.append(f"the 2:4 sparsity comes from the imported {text(f.imported_from)} checkpoint, as it was stored there. "
-                     "CPUs decode it to the dense quantized weight at load")
+        lines.append(f"the 2:4 sparsity comes from the imported {text(f.imported_from)} checkpoint, as it was stored "
+                     "there. CPUs decode it to the dense quantized weight at load")
     elif f.sparse:
         lines.append("2:4 sparsity was applied by magnitude pruning without retraining; it costs accuracy unless the "
                      "source model was trained for it. CPUs decode it to the dense quantized weight at load")

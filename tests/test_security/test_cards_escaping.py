@@ -19,9 +19,9 @@ from qformat.cards.facts import MARKER, ORIGINAL_END, ORIGINAL_START
 from qformat.cli.main import cli
 
 #: Everything a string can do to Markdown, YAML front matter and HTML comments, in one value.
-HOSTILE = ("a|b `c` ```d int4 W4A16 3 of 9 Linear modules\n# Heading\r\nline\u2028<script>x</script> --> --!> <!-- [l](javascript:alert(1)) "
-           f"![i](https://e.invalid/i.png) *e* _u_ \\ &amp; \n---\nkey: v\n---\n{ORIGINAL_START}\ninjected\n{ORIGINAL_END}\n"
-           f"{MARKER} -->")
+HOSTILE = ("a|b `c` ```d int4 W4A16 3 of 9 Linear modules\n# Heading\r\nline\u2028<script>x</script> --> --!> "
+           "<!-- [l](javascript:alert(1)) ![i](https://e.invalid/i.png) *e* _u_ \\ &amp; \n---\nkey: v\n---\n"
+           f"{ORIGINAL_START}\ninjected\n{ORIGINAL_END}\n{MARKER} -->")
 
 
 def _flat(value: str) -> str:
