@@ -5,7 +5,7 @@ quant_method "qformat" with transformers: at once if transformers' quantizer reg
 the moment it is (see `_qformat_autoload`, which the installed `qformat-autoload.pth` also runs at start-up).
 """
 
-from qformat._version import __version__
+from qformat._version import DISTRIBUTION, __version__
 from qformat.errors import (
     CorruptCheckpointError,
     FormatError,
@@ -28,6 +28,7 @@ else:
     _qformat_autoload.install()
 
 __all__ = [
+    "DISTRIBUTION",
     "FORMAT_VERSION",
     "CorruptCheckpointError",
     "FormatError",
