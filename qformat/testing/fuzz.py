@@ -347,11 +347,14 @@ def m_config_pattern(folder: Path, rng: random.Random) -> str:
 
 
 _CARD_STRINGS = (
-    ("quantization_config", "provenance", "source", "base_model"), ("quantization_config", "provenance", "command"),
-    ("quantization_config", "provenance", "qformat_version"), ("quantization_config", "provenance", "environment",
-                                                               "transformers"),
-    ("quantization_config", "fallback", 0, "detail"), ("quantization_config", "fallback", 0, "module"),
-    ("architectures", 0), ("quantization_config", "default_scheme"),
+    ("quantization_config", "provenance", "source", "base_model"),
+    ("quantization_config", "provenance", "command"),
+    ("quantization_config", "provenance", "qformat_version"),
+    ("quantization_config", "provenance", "environment", "transformers"),
+    ("quantization_config", "fallback", 0, "detail"),
+    ("quantization_config", "fallback", 0, "module"),
+    ("quantization_config", "default_scheme"),
+    ("architectures", 0),
 )
 
 
@@ -394,8 +397,10 @@ def m_header_entry(folder: Path, rng: random.Random) -> str:
     entry = header[name]
     key = rng.choice(["dtype", "shape", "data_offsets"])
     old = entry.get(key)
-    if key == "dtype" and rng.random() < 0.7:
-        value: Any = rng.choice([*_ITEMSIZE, "F8_E8M0", "f32", "", ["F32"], 5])
+    if key == "dtype" and old in _ITEMSIZE and rng.random() < 0.5:  # same size: the header stays consistent
+        value: Any = rng.choice([d for d, size in _ITEMSIZE.items() if size == _ITEMSIZE[old] and d != old])
+    elif key == "dtype" and rng.random() < 0.6:
+        value = rng.choice([*_ITEMSIZE, "F8_E8M0", "f32", "", ["F32"], 5])
     elif key == "shape" and isinstance(old, list) and rng.random() < 0.7:
         value = rng.choice([[], [0], [-1], old[::-1], [*old, 1], [x * 2 for x in old], [10**20, 0], [1.5],
                             [True], str(old), [old[0]], [2**63]])
