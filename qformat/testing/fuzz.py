@@ -825,20 +825,27 @@ def run_apis(folder: Path, base: Base, bases: dict[str, Path], *, load: bool = T
     return outcomes
 
 
-def _quiet_worker(memory_gb: float) -> None:
-    """Single-threaded torch, no warnings, logs or progress bars, and a memory cap for this worker process."""
+def _quiet() -> None:
+    """No warnings, log lines or progress bars: the outcome table is the output."""
     import logging
-    import resource
     import warnings
 
-    import torch
     import transformers
 
-    torch.set_num_threads(1)
     warnings.simplefilter("ignore")
     logging.disable(logging.CRITICAL)
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
+
+
+def _quiet_worker(memory_gb: float) -> None:
+    """Quiet, single-threaded torch, and a cap on the address space of this worker process."""
+    import resource
+
+    import torch
+
+    _quiet()
+    torch.set_num_threads(1)
     limit = int(memory_gb * 2**30)
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     sys.setrecursionlimit(max(sys.getrecursionlimit(), 1000))
@@ -1097,9 +1104,6 @@ def _next(w: _Worker, pending: Iterator[int], timeout: float) -> None:
 
 def _replay(seed: int, index: int, workdir: Path | None) -> None:
     """Run one case in this process and print its mutations and each API's outcome with a traceback."""
-    import logging
-
-    logging.disable(logging.WARNING)
     with tempfile.TemporaryDirectory(prefix="qformat-fuzz-", dir=workdir) as tmp:
         bases = make_bases(Path(tmp) / "bases")
         rng = case_rng(seed, index)
@@ -1126,6 +1130,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     for key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_DISABLE_PROGRESS_BARS"):
         os.environ.setdefault(key, "1")
+    _quiet()
     if args.case is not None:
         _replay(args.seed, args.case, args.workdir)
         return 0
