@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass
@@ -17,9 +16,10 @@ from qformat.converter.pipeline import run_pipeline
 from qformat.converter.plan import ConversionPlan, plan_conversion
 from qformat.converter.source import ResolvedSource, resolve_source_for
 from qformat.converter.structure import analyze_structure
-from qformat.errors import CorruptCheckpointError, UnsupportedModelError
+from qformat.errors import CorruptCheckpointError, SourceError, UnsupportedModelError
 from qformat.io.atomic import atomic_output_dir
 from qformat.io.index import write_weight_index
+from qformat.io.jsonfile import load_json
 from qformat.io.safetensors_format import read_header
 from qformat.io.source import SourceCheckpoint
 from qformat.io.writer import write_json
@@ -165,7 +165,7 @@ def convert(source: str | os.PathLike[str], output: str | os.PathLike[str], *, s
         if len(layout.shard_names) > 1:
             weight_map = {spec.name: layout.shard_names[job.shard] for job in layout.jobs for spec in job.outputs}
             write_weight_index(tmp, weight_map, layout.total_bytes)
-        config = json.loads((src.path / "config.json").read_text(encoding="utf-8"))
+        config = load_json(src.path / "config.json", error=SourceError)
         config["quantization_config"] = _quantization_config(plan, options, src, checkpoint, layout, result.hashes,
                                                              result.stats, skipped)
         write_json(tmp / "config.json", config)

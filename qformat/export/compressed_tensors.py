@@ -30,6 +30,7 @@ from qformat.export.ct_config import ct_format, ct_quantization_config
 from qformat.export.packing import pack_int8
 from qformat.io.atomic import atomic_output_dir, check_output_location
 from qformat.io.index import write_weight_index
+from qformat.io.jsonfile import load_json
 from qformat.io.safetensors_format import layout_file
 from qformat.io.writer import ShardWriter, write_error, write_json
 from qformat.quantize.sparse24 import decompress_2_4
@@ -160,9 +161,11 @@ def _write_shard(ckpt: QFormatCheckpoint, file: str, target: Path, changed: dict
 
 def _refuse_compressed_tensors(folder: Path) -> None:
     try:
-        method = json.loads((folder / "config.json").read_text(encoding="utf-8"))["quantization_config"]["quant_method"]
-    except (OSError, ValueError, KeyError, TypeError):
+        config = load_json(folder / "config.json", error=FormatError)
+    except FormatError:
         return  # verify() names the problem
+    qc = config.get("quantization_config") if isinstance(config, dict) else None
+    method = qc.get("quant_method") if isinstance(qc, dict) else None
     if method == "compressed-tensors":
         raise FormatError(f"{folder} is already a compressed-tensors checkpoint (vLLM serves it as it is); "
                           "`qformat import` turns it into a qformat one")
