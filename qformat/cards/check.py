@@ -17,6 +17,7 @@ from qformat.cards.facts import CardFacts, card_facts, original_start, split_sou
 from qformat.cards.markdown import fenced
 from qformat.cards.render import _WORDS, _tags, free_text
 from qformat.checkpoint.inspect import _human
+from qformat.io.jsonfile import read_text
 
 __all__ = ["check_card"]
 
@@ -63,9 +64,9 @@ def check_card(folder: str | Path, text: str | None = None) -> list[str]:
     f = card_facts(folder)
     if text is None:
         path = folder / "README.md"
-        if not path.is_file():
+        if not path.is_file() and not path.is_symlink():
             return ["there is no README.md"]
-        text = path.read_text(encoding="utf-8")
+        text = read_text(path)
     problems: list[str] = []
     meta = split_source_card(text).metadata
     if f.base_model_id and meta.get("base_model") != f.base_model_id:

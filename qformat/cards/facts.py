@@ -14,6 +14,7 @@ from typing import Any
 from qformat.cards.markdown import fenced, promote_headings
 from qformat.checkpoint.inspect import inspect
 from qformat.checkpoint.reader import open_checkpoint
+from qformat.io.jsonfile import read_text
 from qformat.spec.config import FallbackEntry
 from qformat.spec.schemes import Scheme
 
@@ -155,7 +156,7 @@ def card_facts(folder: str | Path) -> CardFacts:
     qc = open_checkpoint(folder).qconfig
     summary = inspect(folder)
     readme = folder / "README.md"
-    source_card = split_source_card(readme.read_text(encoding="utf-8")) if readme.is_file() else SourceCard()
+    source_card = split_source_card(read_text(readme)) if readme.is_file() or readme.is_symlink() else SourceCard()
     architecture = summary.architecture if isinstance(summary.architecture, str) and summary.architecture else "unknown"
     auto_class, pipeline = _auto_class(architecture)
     sentence_transformers = (folder / "modules.json").is_file()

@@ -1,4 +1,4 @@
-"""Read a JSON file from a folder qformat did not write (config.json, generation config, index files) safely.
+"""Read a JSON (or text) file from a folder qformat did not write (config.json, generation config, index files) safely.
 
 `json.loads` on untrusted bytes can fail in ways that are not `JSONDecodeError`: deep nesting raises
 `RecursionError`, an integer of more than 4300 digits raises a plain `ValueError`, and a `NaN`/`Infinity` literal or
@@ -19,7 +19,7 @@ from typing import Any
 
 from qformat.errors import FormatError, QFormatError
 
-__all__ = ["CONFIG_MAX_BYTES", "INDEX_MAX_BYTES", "JSON_MAX_DEPTH", "load_json"]
+__all__ = ["CONFIG_MAX_BYTES", "INDEX_MAX_BYTES", "JSON_MAX_DEPTH", "TEXT_MAX_BYTES", "load_json", "read_text"]
 
 #: Largest config-like JSON file read (config.json, generation_config.json, tokenizer-free metadata). A qformat
 #: config.json records a hash and a statistics entry per quantized module (about 400 bytes each), so this allows
@@ -27,6 +27,8 @@ __all__ = ["CONFIG_MAX_BYTES", "INDEX_MAX_BYTES", "JSON_MAX_DEPTH", "load_json"]
 CONFIG_MAX_BYTES = 64 * 2**20
 #: Largest `*.index.json` read: one entry per tensor, and a reader refuses more tensors than that anyway.
 INDEX_MAX_BYTES = 100 * 2**20
+#: Largest text file read whole (a model card): real cards are well under 1 MiB.
+TEXT_MAX_BYTES = 8 * 2**20
 #: Deepest nesting of objects and lists accepted. Real configs nest fewer than 10 levels; Python's JSON decoder and
 #: every recursive walk over the result (deepcopy, json.dumps, transformers' config classes) fail near 1000.
 JSON_MAX_DEPTH = 64
@@ -47,9 +49,18 @@ def _finite_float(text: str) -> float:
     return value
 
 
-def _read_bytes(path: Path, max_bytes: int) -> bytes:
-    """The bytes of a regular file of at most `max_bytes`; raises `_Refused` or `OSError`."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+def _read_bytes(path: Path, max_bytes: int, *, follow_symlinks: bool = True) -> bytes:
+    """The bytes of a regular file of at most `max_bytes`; raises `_Refused` or `OSError`.
+
+    With `follow_symlinks=False` a symlink at `path` is refused (O_NOFOLLOW), so a planted link cannot make qformat
+    read, and then publish, a file from outside the folder.
+    """
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    if not follow_symlinks:
+        if path.is_symlink():
+            raise _Refused("is a symbolic link; qformat reads only regular files inside the folder")
+        flags |= getattr(os, "O_NOFOLLOW", 0)
+    fd = os.open(path, flags)
     with os.fdopen(fd, "rb") as fh:
         info = os.fstat(fh.fileno())
         if not stat.S_ISREG(info.st_mode):
@@ -85,6 +96,22 @@ def _check_string(text: str) -> None:
         text.encode("utf-8")
     except UnicodeEncodeError:
         raise _Refused("holds a string with an unpaired surrogate escape (not valid Unicode)") from None
+
+
+def read_text(path: str | Path, *, error: type[QFormatError] = FormatError, max_bytes: int = TEXT_MAX_BYTES,
+              follow_symlinks: bool = False, what: str = "replace it with a regular file") -> str:
+    """The UTF-8 text of the regular file at `path` (a model card, say), read with the same limits as `load_json`:
+    at most `max_bytes`, never a FIFO or device, and by default never through a symlink. Failures raise `error`
+    with one line that names the file and ends with `what`."""
+    path = Path(path)
+    try:
+        return _read_bytes(path, max_bytes, follow_symlinks=follow_symlinks).decode("utf-8")
+    except _Refused as exc:
+        raise error(f"{path} {exc}; {what}") from None
+    except UnicodeDecodeError as exc:
+        raise error(f"{path} is not UTF-8 text (byte {exc.start}); {what}") from None
+    except OSError as exc:
+        raise error(f"{path} cannot be read ({exc.strerror or exc}); {what}") from None
 
 
 def load_json(path: str | Path, *, error: type[QFormatError] = FormatError, max_bytes: int = CONFIG_MAX_BYTES,

@@ -64,15 +64,19 @@ def test_card_never_writes_through_a_planted_link(checkpoint, outside, tmp_path,
     (folder / name).unlink(missing_ok=True)
     (folder / name).symlink_to(victim)
     result = CliRunner().invoke(cli, ["card", str(folder)])
-    assert result.exit_code == 0, result.output
     if dangling:
         assert not victim.exists()
     else:
         assert victim.read_text() == SECRET
+    assert sorted(os.listdir(outside)) == ["ssl", "token"]
     readme = folder / "README.md"
+    if name == "README.md":  # a linked source card is not read either (its target would be published): refused
+        assert result.exit_code == 2 and "symbolic link" in result.output, result.output
+        assert readme.is_symlink()
+        return
+    assert result.exit_code == 0, result.output
     assert not readme.is_symlink() and readme.is_file()
     assert "qformat" in readme.read_text()
-    assert sorted(os.listdir(outside)) == ["ssl", "token"]
 
 
 def test_write_file_atomic_replaces_a_link_and_leaves_no_temp(tmp_path, outside):
@@ -352,3 +356,16 @@ def test_a_malformed_endpoint_is_one_line(cli_push, checkpoint, endpoint):
     assert result.exit_code == 2, result.output
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and "--endpoint" in lines[0] and "internal error" not in lines[0], result.output
+
+
+
+def test_card_check_never_reads_a_linked_readme(checkpoint, outside, tmp_path):
+    """`card --check` refuses a README.md linked outside the checkpoint too (never quoting the token it points at)."""
+    folder = tmp_path / "ckpt"
+    shutil.copytree(checkpoint, folder)
+    (folder / "README.md").unlink(missing_ok=True)
+    (folder / "README.md").symlink_to(outside / "token")
+    result = CliRunner().invoke(cli, ["card", "--check", str(folder)])
+    assert result.exit_code == 2, result.output
+    assert "symbolic link" in result.output and SECRET.strip() not in result.output
+    assert (outside / "token").read_text() == SECRET and (folder / "README.md").is_symlink()
