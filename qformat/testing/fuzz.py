@@ -478,18 +478,21 @@ def m_header_length(folder: Path, rng: random.Random) -> str:
     blob = bytearray(shard.read_bytes())
     (n,) = struct.unpack("<Q", blob[:8]) if len(blob) >= 8 else (0,)
     choice = rng.randrange(8)
+    if choice >= 5 and not 2 < n <= len(blob) - 8:
+        raise Skip  # the header text itself is only edited while the length field is sane
     if choice < 5:
         value = [0, 1, 2**63, len(blob), n + rng.choice([-1, 1, 8])][choice]
         blob[:8] = struct.pack("<Q", value % 2**64)
         what = f"length = {value}"
-    elif choice == 5 and n > 2:
+    elif choice == 5:
         blob[8 + rng.randrange(n)] = rng.randrange(256)
         what = "flip a header byte"
     elif choice == 6:
-        blob[8:8 + n] = b"[" + b" " * (n - 2) + b"]" if n >= 2 else blob[8:8 + n]
+        blob[8 : 8 + n] = b"[" + b" " * (n - 2) + b"]"
         what = "header is a JSON list"
     else:
-        blob[8:8 + n] = blob[8:8 + n].rstrip(b" ")[:-1] + b"}" + b" " * (n - len(blob[8:8 + n].rstrip(b" ")))
+        text = bytes(blob[8 : 8 + n]).rstrip(b" ") + b" x"
+        blob[: 8 + n] = struct.pack("<Q", len(text)) + text
         what = "trailing garbage in header"
     shard.write_bytes(bytes(blob))
     return f"{shard.name}: {what}"
@@ -628,6 +631,8 @@ def m_readme(folder: Path, rng: random.Random) -> str:
     }
     kind = rng.choice(list(texts))
     readme = folder / "README.md"
+    if readme.is_dir():
+        raise Skip
     if kind == "bad utf-8":
         readme.write_bytes(b"# \xff\xfe model\n")
     elif kind == "directory":
@@ -692,7 +697,7 @@ def mutate_case(folder: Path, rng: random.Random) -> list[tuple[str, str]]:
             done.append((kind, MUTATIONS[kind](folder, rng)))
         except Skip:
             continue
-        except (LookupError, TypeError, ValueError, AttributeError, RecursionError):
+        except (LookupError, TypeError, ValueError, AttributeError, RecursionError, OSError, MemoryError):
             if not done:  # on an unmutated base this is a bug in the mutation itself
                 raise
             continue
