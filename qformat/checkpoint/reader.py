@@ -12,6 +12,7 @@ from typing import Any
 from qformat.errors import CorruptCheckpointError, FormatError
 from qformat.io.index import INDEX_FILE, read_weight_index
 from qformat.io.jsonfile import load_json
+from qformat.io.paths import inside_root, link_root
 from qformat.io.safetensors_format import HeaderEntry, SafetensorsHeader, open_tensor_data, read_header, read_into
 from qformat.spec._typed import list_at, str_at
 from qformat.spec.config import QFormatConfig
@@ -134,7 +135,11 @@ def open_checkpoint(folder: str | Path) -> QFormatCheckpoint:
     files, index = _weight_files(folder)
     headers: dict[str, SafetensorsHeader] = {}
     tensors: dict[str, tuple[str, HeaderEntry]] = {}
+    root = link_root(folder)
     for file in files:
+        if not inside_root(folder / file, root):
+            raise FormatError(f"{file} is a symlink to a file outside {folder}; qformat reads only weights inside the "
+                              "checkpoint folder: replace the link with the file itself")
         with format_errors():
             header = read_header(folder / file, tensors_before=len(tensors))
         headers[file] = header

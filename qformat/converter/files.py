@@ -16,8 +16,8 @@ import shutil
 import stat
 from pathlib import Path
 
-from qformat.converter.source import link_root
 from qformat.errors import SourceError
+from qformat.io.paths import link_root
 from qformat.io.source import WEIGHT_FILE_SUFFIXES
 from qformat.io.writer import write_error
 

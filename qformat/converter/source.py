@@ -13,11 +13,11 @@ from pathlib import Path
 
 from qformat.errors import SourceError
 from qformat.io.atomic import check_output_location
+from qformat.io.paths import CACHE_SNAPSHOT
 
-__all__ = ["HUB_IGNORE_PATTERNS", "ResolvedSource", "link_root", "resolve_source", "resolve_source_for"]
+__all__ = ["HUB_IGNORE_PATTERNS", "ResolvedSource", "resolve_source", "resolve_source_for"]
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-_CACHE_SNAPSHOT = re.compile(r"models--(?P<owner>[^/]+?)--(?P<name>[^/]+)/snapshots/(?P<rev>[0-9a-f]{40})$")
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 
 #: Weight formats other than safetensors/bin are never needed to convert, so they are not downloaded.
@@ -35,19 +35,10 @@ class ResolvedSource:
 
 
 def _from_cache_layout(path: Path) -> tuple[str | None, str | None]:
-    match = _CACHE_SNAPSHOT.search(path.resolve().as_posix())
+    match = CACHE_SNAPSHOT.search(path.resolve().as_posix())
     if not match:
         return None, None
     return f"{match['owner']}/{match['name']}", match["rev"]
-
-
-def link_root(path: Path) -> Path:
-    """The folder a symlink inside SOURCE may point into (resolved): SOURCE itself, or for a snapshot in the Hugging
-    Face cache (whose files are links into ../../blobs) the repo's cache folder, `models--<owner>--<name>`."""
-    real = path.resolve()
-    if _CACHE_SNAPSHOT.search(real.as_posix()):
-        return real.parent.parent
-    return real
 
 
 def resolve_source(source: str | Path, *, revision: str | None = None) -> ResolvedSource:

@@ -12,7 +12,6 @@ rewritten. vLLM's constraints are checked first and violations refused with the 
 from __future__ import annotations
 
 import json
-import mmap
 import os
 import shutil
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ from typing import Any
 import torch
 
 from qformat._version import __version__
-from qformat.checkpoint.reader import QFormatCheckpoint, open_checkpoint
+from qformat.checkpoint.reader import QFormatCheckpoint, format_errors, open_checkpoint
 from qformat.checkpoint.verify import verify
 from qformat.converter.files import copy_support_files
 from qformat.errors import FormatError, OptionError
@@ -31,7 +30,7 @@ from qformat.export.packing import pack_int8
 from qformat.io.atomic import atomic_output_dir, check_output_location
 from qformat.io.index import write_weight_index
 from qformat.io.jsonfile import load_json
-from qformat.io.safetensors_format import layout_file
+from qformat.io.safetensors_format import iter_tensor_chunks, layout_file, open_tensor_data
 from qformat.io.writer import ShardWriter, write_error, write_json
 from qformat.quantize.sparse24 import decompress_2_4
 from qformat.spec.fused import fused_groups_for, group_modules
@@ -128,6 +127,7 @@ def _module_outputs(ckpt: QFormatCheckpoint, module: str, scheme: Scheme) -> dic
 
 
 _REPLACED = ("weight", "compressed", "bitmask", "shape")
+_COPY_CHUNK = 8 * 2**20
 
 
 def _write_shard(ckpt: QFormatCheckpoint, file: str, target: Path, changed: dict[str, Scheme]) -> list[str]:
@@ -143,11 +143,18 @@ def _write_shard(ckpt: QFormatCheckpoint, file: str, target: Path, changed: dict
         specs += _module_specs(ckpt, module, scheme)
     writer = ShardWriter(target, layout_file(specs, _SHARD_METADATA), hashes=False)
     try:
-        with open(ckpt.folder / file, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-            for entry in keep:
-                sink = writer.sink(entry.name)
-                sink.write(memoryview(mm)[entry.start : entry.end])
-                sink.finish()
+        # positional reads, not a memory map: a shard that shrinks meanwhile is one error, never a SIGBUS
+        buffer = memoryview(bytearray(_COPY_CHUNK))
+        with format_errors():
+            fd = open_tensor_data(ckpt.headers[file])
+            try:
+                for entry in keep:
+                    sink = writer.sink(entry.name)
+                    for chunk in iter_tensor_chunks(fd, ckpt.folder / file, entry, buffer):
+                        sink.write(chunk)
+                    sink.finish()
+            finally:
+                os.close(fd)
         for module, scheme in changed.items():
             for name, tensor in _module_outputs(ckpt, module, scheme).items():
                 sink = writer.sink(name)

@@ -20,6 +20,7 @@ import torch
 
 from qformat.errors import CorruptCheckpointError, SourceError
 from qformat.io.index import read_weight_index
+from qformat.io.paths import inside_root, link_root
 from qformat.io.safetensors_format import HeaderEntry, read_header
 
 __all__ = ["SAFETENSORS_CODES", "TORCH_DTYPES", "WEIGHT_FILE_SUFFIXES", "SourceCheckpoint", "SourceTensor", "TensorReader"]
@@ -65,6 +66,7 @@ class SourceCheckpoint:
         self.format = "safetensors"
         self._index_map: dict[str, str] | None = None
         self._headers: dict[str, dict[str, HeaderEntry]] = {}
+        self._sizes: dict[str, int] = {}
         self.tensors: dict[str, SourceTensor] = {}
         self._discover()
 
@@ -83,6 +85,11 @@ class SourceCheckpoint:
             raise SourceError(
                 f"{folder} has no weights: expected model.safetensors, model.safetensors.index.json or pytorch_model.bin"
             )
+        root = link_root(folder)
+        for file in self.files:
+            if not inside_root(folder / file, root):
+                raise SourceError(f"{file} in SOURCE is a symlink to a file outside SOURCE; qformat reads only weights "
+                                  "inside the folder it is given: replace the link with the file itself")
         if self.format == "safetensors":
             self._table_from_safetensors()
         else:
@@ -95,8 +102,9 @@ class SourceCheckpoint:
     def _table_from_safetensors(self) -> None:
         index_map = self._index_map
         for file in self.files:
-            header = read_header(self.folder / file)
+            header = read_header(self.folder / file, tensors_before=sum(map(len, self._headers.values())))
             self._headers[file] = header.tensors
+            self._sizes[file] = header.file_size
             for entry in sorted(header.tensors.values(), key=lambda e: e.start):
                 if index_map is not None and index_map.get(entry.name) != file:
                     continue  # transformers reads only what the index maps to this file
@@ -161,6 +169,10 @@ class SourceCheckpoint:
             finally:
                 os.close(fd)
 
+    def file_size(self, file: str) -> int:
+        """The size of safetensors file `file` when its header was read."""
+        return self._sizes[file]
+
     def header_entry(self, tensor: SourceTensor) -> HeaderEntry:
         return self._headers[tensor.file][tensor.name]
 
@@ -198,6 +210,10 @@ class TensorReader:
         mm = self._maps.get(file)
         if mm is None:
             with open(self._ckpt.folder / file, "rb") as fh:
+                size, expected = os.fstat(fh.fileno()).st_size, self._ckpt.file_size(file)
+                if size != expected:  # a file replaced or cut since its header was read: mapping it could SIGBUS
+                    raise CorruptCheckpointError(f"{file} changed while it was read (it is {size:,} bytes, its header "
+                                                 f"was read from {expected:,}); rerun on a folder nothing writes to")
                 # ACCESS_COPY: a private, writable mapping, so torch.frombuffer needs no copy; nothing is ever written.
                 mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
             self._maps[file] = mm
