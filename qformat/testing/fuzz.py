@@ -628,7 +628,7 @@ def m_readme(folder: Path, rng: random.Random) -> str:
         "only dashes": "---\n",
         "bad utf-8": None,
         "directory": None,
-        "payload": f"---\nbase_model: '{PAYLOAD}'\nlicense: '-->'\n---\n{PAYLOAD}\n{TAIL}\n",
+        "payload": f"---\nbase_model: '{PAYLOAD}'\nlicense: '-->'\n---\n# Model\n{TAIL}\n",  # a body is kept as is
     }
     kind = rng.choice(list(texts))
     readme = folder / "README.md"
@@ -970,44 +970,41 @@ class FuzzReport:
 
     def bad_classes(self) -> str:
         """Distinct BAD classes (API, outcome, exception type), with counts, kinds and the simplest example."""
-        classes: dict[tuple[str, str, str], list[CaseResult]] = {}
+        groups: dict[str, list[tuple[CaseResult, str]]] = {}
         for case in self.cases:
             for api in case.bad:
                 outcome, detail = case.outcomes[api]
-                classes.setdefault((api, outcome, detail.split(":", 1)[0]), []).append(case)
-        lines = []
-        for (api, outcome, exc), cases in sorted(classes.items(), key=lambda kv: -len(kv[1])):
-            kinds = Counter(k for c in cases for k in {k for k, _ in c.mutations})
-            example = min(cases, key=lambda c: (len(c.mutations), c.index))
-            lines.append(f"- {api} {outcome} {exc} x{len(cases)}; kinds: "
-                         + ", ".join(f"{k} {n}" for k, n in kinds.most_common(4)))
-            lines.append(f"    e.g. {example.describe()}")
-            lines.append(f"    -> {example.outcomes[api][1][:200]}")
-        return "\n".join(lines) or "(none)"
+                groups.setdefault(f"{api} {outcome} {detail.split(':', 1)[0]}", []).append((case, detail))
+        return _listing(groups)
 
     def notes(self) -> str:
         """Per note (lenient, wrong, card_raw, card_lost, and foreign by type): count, kinds, the simplest example."""
-        groups: dict[str, list[CaseResult]] = {}
+        groups: dict[str, list[tuple[CaseResult, str]]] = {}
         for case in self.cases:
             for api, (outcome, detail) in case.outcomes.items():
                 if outcome == "ok" and detail:
-                    groups.setdefault(f"{api} {detail}", []).append(case)
+                    groups.setdefault(f"{api} {detail}", []).append((case, ""))
                 elif outcome == "foreign":
-                    groups.setdefault(f"{api} foreign {detail.split(':', 1)[0]}", []).append(case)
-        lines = []
-        for note, cases in sorted(groups.items()):
-            kinds = Counter(k for c in cases for k in {k for k, _ in c.mutations})
-            example = min(cases, key=lambda c: (len(c.mutations), c.index))
-            lines.append(f"- {note} x{len(cases)}; kinds: " + ", ".join(f"{k} {n}" for k, n in kinds.most_common(4)))
-            lines.append(f"    e.g. {example.describe()}")
-            if " foreign " in note:
-                lines.append(f"    -> {example.outcomes['load'][1][:200]}")
-        return "\n".join(lines) or "(none)"
+                    groups.setdefault(f"{api} foreign {detail.split(':', 1)[0]}", []).append((case, detail))
+        return _listing(groups)
 
     def summary(self) -> str:
         return (f"{len(self.cases)} cases in {self.seconds:.1f} s, {len(self.bad)} with a BAD outcome\n\n"
                 f"{self.by_api()}\n\n{self.by_kind()}\n\nBAD classes:\n{self.bad_classes()}\n\n"
                 f"Notes (not failures):\n{self.notes()}")
+
+
+def _listing(groups: dict[str, list[tuple[CaseResult, str]]]) -> str:
+    """One entry per group, largest first: count, commonest mutation kinds, the simplest example and its detail."""
+    lines = []
+    for label, hits in sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[0])):
+        kinds = Counter(kind for case, _ in hits for kind in {k for k, _ in case.mutations})
+        case, detail = min(hits, key=lambda hit: (len(hit[0].mutations), hit[0].index))
+        lines.append(f"- {label} x{len(hits)}; kinds: " + ", ".join(f"{k} {n}" for k, n in kinds.most_common(4)))
+        lines.append(f"    e.g. {case.describe()}")
+        if detail:
+            lines.append(f"    -> {detail[:200]}")
+    return "\n".join(lines) or "(none)"
 
 
 def _table(rows: list[list[str]]) -> str:
