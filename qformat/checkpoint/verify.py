@@ -19,11 +19,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from qformat.checkpoint.reader import QFormatCheckpoint, format_errors, open_checkpoint
 from qformat.errors import FormatError
 from qformat.io.safetensors_format import iter_tensor_chunks, open_tensor_data
+from qformat.quantize.observers import fp8_has_nan, scales_valid
+from qformat.quantize.sparse24 import bitmask_problem
 from qformat.spec.layout import TensorSpec, module_tensors, shape_problem
 
 __all__ = ["VerifyReport", "verify"]
@@ -77,41 +77,21 @@ def _expected_tensors(ckpt: QFormatCheckpoint, module: str) -> list[TensorSpec]:
     return module_tensors(module, scheme, out_f, in_f)
 
 
-def _bitmask_tables() -> tuple[np.ndarray, np.ndarray]:
-    """Which bitmask bytes are valid: both nibbles keep exactly 2 (a byte inside the row), or the low nibble keeps 2
-    and the high nibble, padding past in_features, is 0 (the last byte when in_features % 8 == 4)."""
-    two = [bin(n).count("1") == 2 for n in range(16)]
-    byte_ok = np.array([two[b & 15] and two[b >> 4] for b in range(256)])
-    half_ok = np.array([two[b & 15] and b >> 4 == 0 for b in range(256)])
-    return byte_ok, half_ok
-
-
-_BYTE_OK, _HALF_OK = _bitmask_tables()
-
-
 def _check_values(ckpt: QFormatCheckpoint, specs: list[TensorSpec]) -> None:
-    import torch
-
+    """The value rules a loader applies too (one implementation each, in qformat.quantize): scales finite and
+    positive, fp8 without NaN codes, 2:4 bitmasks keeping two of every four."""
     for spec in specs:
         if spec.name.endswith(("weight_scale", "input_scale")):
-            scale = ckpt.load(spec.name)
-            if not bool(torch.isfinite(scale).all()) or not bool((scale > 0).all()):
+            if not bool(scales_valid(ckpt.load(spec.name))):
                 raise _fail(spec.name, "scales must be finite and positive")
         elif spec.dtype == "F8_E4M3":
-            raw = ckpt.load(spec.name).view(torch.uint8)
-            if bool(((raw & 0x7F) == 0x7F).any()):
+            if bool(fp8_has_nan(ckpt.load(spec.name))):
                 raise _fail(spec.name, "holds NaN (e4m3fn bit pattern 0x7F/0xFF)")
         elif spec.name.endswith(".bitmask"):
             in_f = 2 * next(s.shape[1] for s in specs if s.name.endswith(".compressed"))
-            data = ckpt.load(spec.name).numpy()
-            full = in_f // 8  # bytes covering two whole groups; in_f % 8 == 4 leaves a last byte with one group
-            if not _BYTE_OK[data[:, :full]].all():
-                raise _fail(spec.name, "every group of 4 columns must keep exactly 2 values")
-            if in_f % 8 and not _HALF_OK[data[:, full]].all():
-                last = data[:, full]
-                what = "padding bits beyond in_features must be 0" if (last >> 4).any() else \
-                    "every group of 4 columns must keep exactly 2 values"
-                raise _fail(spec.name, what)
+            problem = bitmask_problem(ckpt.load(spec.name), in_f)
+            if problem is not None:
+                raise _fail(spec.name, problem)
 
 
 def _hash_batches(ckpt: QFormatCheckpoint, names: list[str]) -> Iterator[list[str]]:

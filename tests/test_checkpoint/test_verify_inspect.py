@@ -77,15 +77,6 @@ def test_verify_checks_2_4_bitmasks(good, tmp_path):
         qformat.verify(_damaged(good["sparse"], tmp_path, three_bits))
 
 
-def test_the_bitmask_byte_tables_match_counting_bits():
-    from qformat.checkpoint.verify import _BYTE_OK, _HALF_OK
-
-    for byte in range(256):
-        bits = [byte >> i & 1 for i in range(8)]
-        assert _BYTE_OK[byte] == (sum(bits[:4]) == 2 and sum(bits[4:]) == 2)
-        assert _HALF_OK[byte] == (sum(bits[:4]) == 2 and sum(bits[4:]) == 0)
-
-
 @pytest.mark.parametrize("edit, error, match", [
     (lambda q: q.update(format_version=2), UnsupportedFormatVersionError, "format version 2"),
     (lambda q: q["fallback"].pop(0), FormatError, "lm_head: is a Linear module that is neither quantized nor in"),
