@@ -117,7 +117,7 @@ def _stored_tensors(checkpoint_files: list[str] | None) -> dict[str, HeaderEntry
         if not str(file).endswith(".safetensors"):
             raise FormatError(f"{Path(file).name} is not a safetensors file; qformat checkpoints store their "
                               f"tensors in safetensors files only: {_ADVICE}")
-        tensors.update(read_header(Path(file)).tensors)
+        tensors.update(read_header(Path(file), tensors_before=len(tensors)).tensors)
     return tensors
 
 
