@@ -19,8 +19,11 @@ Outcomes of one API on one case (`BAD` holds the ones that are bugs):
 
 Notes that are counted but are not failures: ``lenient`` (``load`` gave finite logits, equal to the unmutated base's,
 for a checkpoint ``verify`` refused), ``wrong`` (the same, but the logits differ from the base's: a silently wrong
-model), ``card_raw`` (an injected ``<script>QFUZZ`` string reached the rendered card unescaped), ``card_lost`` (an
-odd source card's last line is missing once the card is rendered, written and rendered again).
+model), ``card_raw`` (an injected ``<script>QFUZZ`` string reached the rendered card unescaped, outside code),
+``card_lost`` (an odd source card's last line is missing once the card is rendered, written and rendered again).
+
+A ``foreign`` load error is not counted as BAD because qformat never had control: transformers parsed config.json or
+the index on its own before calling qformat. ``verify`` must refuse such a checkpoint, else it is an ``error``.
 
 Run: ``python -m qformat.testing.fuzz --cases 1000 --seed 0 --jobs 2``.
 """
@@ -35,6 +38,7 @@ import math
 import multiprocessing
 import os
 import random
+import re
 import shutil
 import struct
 import sys
@@ -365,7 +369,8 @@ def m_config_strings(folder: Path, rng: random.Random) -> str:
 
     config = _load_config(folder)
     path = list(rng.choice(_CARD_STRINGS))
-    value = rng.choice([f"-->\n{PAYLOAD}", f"x\n\n# {PAYLOAD}\n", f"`{PAYLOAD}`", "{{ x }}{% raw %}", ORIGINAL_END,
+    value = rng.choice([f"-->\n{PAYLOAD}", f"x\n\n# {PAYLOAD}\n", f"`{PAYLOAD}`", f"x\n```\n{PAYLOAD}\n```\n",
+                        "{{ x }}{% raw %}", ORIGINAL_END,
                         MARKER, "a | b\n|---|", "](javascript:alert(1))", "---\nlicense: evil\n---"])
     try:
         _get(config, path[:-1])[path[-1]] = value
@@ -795,7 +800,7 @@ class _Runner:
         readme = folder / "README.md"
         saved = readme.read_bytes() if readme.is_file() else None
         first = render_card(folder)
-        if PAYLOAD in first:
+        if PAYLOAD in _outside_code(first):
             return "ok", "card_raw"
         if saved is None or TAIL.encode() not in saved:  # only the odd source cards of `m_readme` are re-rendered
             return "ok", ""
@@ -818,6 +823,17 @@ class _Runner:
         reference = self.base_logits[base.name]
         same = reference.shape == logits.shape and torch.allclose(reference, logits, rtol=1e-4, atol=1e-4)
         return "ok", "lenient" if same else "wrong"
+
+
+def _outside_code(markdown: str) -> str:
+    """The Markdown outside fenced blocks and inline code spans: where HTML would be rendered rather than shown."""
+    kept, fenced = [], False
+    for line in markdown.splitlines():
+        if line.lstrip().startswith("```"):
+            fenced = not fenced
+        elif not fenced:
+            kept.append(re.sub(r"(`+).*?\1", "", line))
+    return "\n".join(kept)
 
 
 def run_apis(folder: Path, base: Base, bases: dict[str, Path], *, load: bool = True,
