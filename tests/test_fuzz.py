@@ -1,6 +1,7 @@
-"""A seeded, bounded fuzz of the reading APIs (qformat.testing.fuzz): every mutated checkpoint gets a QFormatError or
-a correct answer from verify, inspect, the card renderer and from_pretrained; nothing hangs, dies, or hands back a
-model with non-finite logits. A failure lists each distinct problem with one case to replay:
+"""A seeded, bounded fuzz of the reading APIs (qformat.testing.fuzz): verify, inspect, the card renderer and
+from_pretrained answer every mutated checkpoint or refuse it with a QFormatError (transformers may refuse, in its own
+words, a config.json it parses before qformat is called, if verify refuses it too); nothing hangs, dies, or hands back
+a model with non-finite logits. A failure lists each distinct problem with one case to replay:
 `python -m qformat.testing.fuzz --seed 9 --case N`."""
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ def bases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return make_bases(tmp_path_factory.mktemp("fuzz-bases"))
 
 
-def test_unmutated_bases_pass_every_api(bases, tmp_path):
+def test_unmutated_bases_pass_every_api(bases):
     """The fuzzer's baseline: each base checkpoint verifies, inspects, renders and loads with finite logits."""
     for base in BASES:
         outcomes = run_apis(bases[base.name], base, bases)
