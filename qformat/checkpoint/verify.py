@@ -22,7 +22,7 @@ from pathlib import Path
 from qformat.checkpoint.reader import QFormatCheckpoint, format_errors, open_checkpoint
 from qformat.errors import FormatError
 from qformat.io.safetensors_format import iter_tensor_chunks, open_tensor_data
-from qformat.quantize.observers import fp8_has_nan, scales_valid
+from qformat.quantize.observers import SCALE_PROBLEM, fp8_has_nan, scales_valid
 from qformat.quantize.sparse24 import bitmask_problem
 from qformat.spec.layout import TensorSpec, module_tensors, shape_problem
 
@@ -77,13 +77,13 @@ def _expected_tensors(ckpt: QFormatCheckpoint, module: str) -> list[TensorSpec]:
     return module_tensors(module, scheme, out_f, in_f)
 
 
-def _check_values(ckpt: QFormatCheckpoint, specs: list[TensorSpec]) -> None:
+def _check_values(ckpt: QFormatCheckpoint, specs: list[TensorSpec], qtype: str) -> None:
     """The value rules a loader applies too (one implementation each, in qformat.quantize): scales finite and
     positive, fp8 without NaN codes, 2:4 bitmasks keeping two of every four."""
     for spec in specs:
         if spec.name.endswith(("weight_scale", "input_scale")):
-            if not bool(scales_valid(ckpt.load(spec.name))):
-                raise _fail(spec.name, "scales must be finite and positive")
+            if not bool(scales_valid(ckpt.load(spec.name), qtype)):
+                raise _fail(spec.name, SCALE_PROBLEM)
         elif spec.dtype == "F8_E4M3":
             if bool(fp8_has_nan(ckpt.load(spec.name))):
                 raise _fail(spec.name, "holds NaN (e4m3fn bit pattern 0x7F/0xFF)")
@@ -197,7 +197,7 @@ def verify(folder: str | Path, *, check_hashes: bool = True, check_structure: bo
         leftover = [n for n in (f"{module}.weight", f"{module}.input_scale") if n in ckpt.tensors and n not in expected_names]
         if leftover:
             raise _fail(leftover[0], "is not part of its module's scheme")
-        _check_values(ckpt, specs)
+        _check_values(ckpt, specs, qconfig.scheme_for(module)[1].weights.type)
     for entry in qconfig.fallback:
         weight = ckpt.entry(f"{entry.module}.weight")
         if weight is not None and weight.dtype not in _FLOAT_DTYPES:

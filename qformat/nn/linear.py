@@ -25,7 +25,7 @@ from qformat.kernels.int8_dynamic import Int8Dynamic
 from qformat.kernels.int8_weight_only import Int8WeightOnly
 from qformat.kernels.sparse24 import dense_from_2_4, semi_structured_int8
 from qformat.quantize.dequant import dequantize_dense
-from qformat.quantize.observers import fp8_has_nan, scales_valid
+from qformat.quantize.observers import SCALE_PROBLEM, fp8_has_nan, scales_valid
 from qformat.quantize.sparse24 import BITMASK_NOT_2_4, bitmask_ok, bitmask_problem
 from qformat.quantize.weights import VALUE_DTYPES, quantize_weight
 from qformat.spec.schemes import Scheme
@@ -108,7 +108,8 @@ class QuantLinear(nn.Module):
     def _value_checks(self) -> list[tuple[str, str, torch.Tensor]]:
         """(parameter, what is wrong if it fails, 0-dim bool tensor that is True when it passes), all computed on
         the module's device without reading anything back."""
-        checks = [(name, "scales must be finite and positive", scales_valid(param))
+        qtype = self.scheme.weights.type
+        checks = [(name, SCALE_PROBLEM, scales_valid(param, qtype))
                   for name in ("weight_scale", "input_scale") if (param := self._parameters.get(name)) is not None]
         values_name = "weight" if self.scheme.sparsity is None else "compressed"
         values = self._parameters[values_name]

@@ -17,9 +17,11 @@ import torch
 
 __all__ = [
     "DEFAULT_MSE",
+    "MAX_SCALE",
     "MIN_SCALE",
     "OBSERVERS",
     "QMAX",
+    "SCALE_PROBLEM",
     "MseParams",
     "absmax_scales",
     "fp8_has_nan",
@@ -34,6 +36,12 @@ __all__ = [
 QMAX = {"int": 127.0, "float": 448.0}
 
 OBSERVERS = ("absmax", "mse")
+
+#: The largest scale a reader accepts per value type: q * s must be finite in fp32 for every storable q (int8 down
+#: to -128, fp8 up to 448), or a finite-looking checkpoint dequantizes to Inf.
+MAX_SCALE = {"int": torch.finfo(torch.float32).max / 128, "float": torch.finfo(torch.float32).max / 448}
+#: What `scales_valid` refuses, in the words verify and the loader use.
+SCALE_PROBLEM = "scales must be finite and positive, and small enough that every dequantized value is finite"
 
 #: The smallest scale the observers give a nonzero row: the smallest normal fp32 number, 2^-126.
 MIN_SCALE = torch.finfo(torch.float32).tiny
@@ -70,9 +78,10 @@ def _positive(scales: torch.Tensor) -> torch.Tensor:
     return torch.where(scales > 0, scales.clamp_min(MIN_SCALE), torch.ones_like(scales))
 
 
-def scales_valid(scales: torch.Tensor) -> torch.Tensor:
-    """0-dim bool tensor on `scales`' device: every scale is finite and > 0 (what the format allows; NaN fails)."""
-    return ((scales > 0) & (scales < float("inf"))).all()
+def scales_valid(scales: torch.Tensor, qtype: str) -> torch.Tensor:
+    """0-dim bool tensor on `scales`' device: every scale is > 0 and at most `MAX_SCALE[qtype]`, so that it is finite
+    and so is every value it dequantizes (what the format allows; NaN fails)."""
+    return ((scales > 0) & (scales <= MAX_SCALE[qtype])).all()
 
 
 def fp8_has_nan(values: torch.Tensor) -> torch.Tensor:

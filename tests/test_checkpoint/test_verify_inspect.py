@@ -55,6 +55,7 @@ def _set(name, value):
     (_set(f"{UP}.weight_scale", lambda s: s.reshape(-1).clone()), r"weight_scale: is F32 \[128\], the spec needs F32 \[128, 1\]"),
     (_set(f"{UP}.weight_scale", lambda s: -s), "scales must be finite and positive"),
     (_set(f"{UP}.weight_scale", lambda s: s.clone().fill_(float("nan"))), "scales must be finite and positive"),
+    (_set(f"{UP}.weight_scale", lambda s: s.clone().fill_(1e36)), "every dequantized value is finite"),
     (_set(f"{Q}.weight", lambda w: w.to(torch.float32)), r"q_proj.weight: is F32 \[64, 64\], the spec needs I8"),
     (_set(f"{UP}.weight", lambda w: w.view(torch.uint8).clone().fill_(0x7F).view(torch.float8_e4m3fn)), "holds NaN"),
     (lambda t: t.pop(f"{UP}.weight"), f"{UP}: scheme fp8-dynamic needs a 2-D {UP}.weight"),

@@ -20,6 +20,7 @@ from transformers import AutoModelForCausalLM
 
 import qformat
 from qformat.errors import FormatError
+from qformat.quantize.observers import SCALE_PROBLEM
 
 MODULE = "model.layers.0.mlp.up_proj"  # 64 -> 128: quantizable by every scheme, 2:4 included
 Tamper = Callable[[dict[str, torch.Tensor]], None]
@@ -98,6 +99,9 @@ CASES: dict[str, tuple[str, Tamper, str]] = {
     "negative scale": ("w8a16-int8", _set(f"{M}.weight_scale", _at(0, -0.01)), f"{M}.weight_scale"),
     "NaN scale": ("fp8-dynamic", _set(f"{M}.weight_scale", _at(9, float("nan"))), f"{M}.weight_scale"),
     "Inf scale": ("w8a8-int8+2:4", _set(f"{M}.weight_scale", _at(127, float("inf"))), f"{M}.weight_scale"),
+    # finite scales so large that a stored value times the scale is Inf in fp32
+    "huge int8 scale": ("w8a8-int8", _set(f"{M}.weight_scale", _at(3, 3e38)), f"{M}.weight_scale"),
+    "huge fp8 scale": ("fp8-dynamic", _set(f"{M}.weight_scale", _at(3, 1e36)), f"{M}.weight_scale"),
     # fp8 NaN codes (e4m3fn 0x7F, 0xFF)
     "fp8 +NaN": ("fp8-dynamic", _set(f"{M}.weight", _at((4, 4), 0x7F, view=torch.uint8)), f"{M}.weight"),
     "fp8 -NaN": ("fp8-weight-only", _set(f"{M}.weight", _at((0, 63), 0xFF, view=torch.uint8)), f"{M}.weight"),
@@ -170,4 +174,4 @@ def test_static_input_scale_is_checked_too():
     assert module.stored_value_problem() is None
     with torch.no_grad():
         module.input_scale.fill_(float("nan"))
-    assert module.stored_value_problem() == ("input_scale", "scales must be finite and positive")
+    assert module.stored_value_problem() == ("input_scale", SCALE_PROBLEM)
