@@ -58,6 +58,15 @@ def _prose(own: str, data: list[str]) -> str:
     return _COMMENT.sub("", _LINK_TARGET.sub("", _CODE_SPAN.sub("", prose)))
 
 
+def _shown(value: object) -> str:
+    """A metadata value as the one-line message shows it: a short repr of a scalar, the type of anything else (a
+    stranger's YAML may nest deeply or alias itself into something huge)."""
+    if value is None or isinstance(value, (str, int, float, bool)):
+        text = repr(value)
+        return text if len(text) <= 80 else text[:77] + "..."
+    return f"a {type(value).__name__}"
+
+
 def check_card(folder: str | Path, text: str | None = None) -> list[str]:
     """Problems of `text` (default: `folder`/README.md) against the checkpoint in `folder`; empty if none."""
     folder = Path(folder)
@@ -71,10 +80,10 @@ def check_card(folder: str | Path, text: str | None = None) -> list[str]:
     meta = split_source_card(text).metadata
     if f.base_model_id and meta.get("base_model") != f.base_model_id:
         found = meta.get("base_model")
-        problems.append(f"base_model is {found!r}, the checkpoint's base model is {f.base_model_id!r}" if found
+        problems.append(f"base_model is {_shown(found)}, the checkpoint's base model is {f.base_model_id!r}" if found
                         else f"base_model is missing from the metadata (the checkpoint records {f.base_model_id!r})")
     if f.base_model_id and meta.get("base_model_relation") != "quantized":
-        problems.append(f"base_model_relation is {meta.get('base_model_relation')!r}, not 'quantized'")
+        problems.append(f"base_model_relation is {_shown(meta.get('base_model_relation'))}, not 'quantized'")
     tags = meta.get("tags") if isinstance(meta.get("tags"), list) else []
     missing_tags = [t for t in _tags(f) if t not in tags]
     if missing_tags:

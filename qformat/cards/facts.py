@@ -114,7 +114,7 @@ def split_source_card(text: str) -> SourceCard:
     if match:
         try:
             loaded = yaml.safe_load(match.group(1))
-        except yaml.YAMLError:
+        except (yaml.YAMLError, RecursionError):  # a stranger's card: unreadable metadata is no metadata
             loaded = None
         metadata = loaded if isinstance(loaded, dict) else {}
         body = text[match.end() :]

@@ -197,3 +197,21 @@ def _promote(carried: str) -> str:
             fenced = not fenced
         out.append(line[2:] if not fenced and line.startswith("###") else line)
     return "\n".join(out)
+
+
+def test_source_card_with_hostile_yaml_metadata_renders(tmp_path):
+    """A source card whose front matter nests past Python's recursion limit is a card without metadata (not a
+    RecursionError), and `card --check` names a metadata value that aliases itself into a huge list by its type
+    instead of printing it."""
+    from qformat.cards.facts import split_source_card
+
+    deep = "---\nx: " + "[" * 5000 + "]" * 5000 + "\n---\n# Model\n"
+    assert split_source_card(deep).metadata == {} and split_source_card(deep).body == "# Model"
+    laughs = "---\n" + "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join([f'*{chr(97 + i)}'] * 10)}]\n" for i in range(8)
+    ) + "base_model: *i\n---\n# Model\n"
+    meta = split_source_card(laughs).metadata
+    assert isinstance(meta["base_model"], list)
+    from qformat.cards.check import _shown
+
+    assert _shown(meta["base_model"]) == "a list"
