@@ -75,7 +75,7 @@ def test_verify_failure_names_the_problem(src, out, tmp_path):
     result = qformat("verify", out)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip() == ("qformat: error: model.layers.1.mlp.up_proj.weight_scale: scales must be finite "
-                                     "and positive")
+                                     "and positive, and small enough that every dequantized value is finite")
 
 
 def test_existing_output_needs_overwrite_and_is_replaced_only_when_done(src, out):
