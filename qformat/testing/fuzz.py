@@ -10,8 +10,9 @@ Outcomes of one API on one case (`BAD` holds the ones that are bugs):
 
 - ``ok``: it returned; for ``load``, with finite logits.
 - ``qformat``: it raised a `QFormatError`, the intended answer to a bad checkpoint.
-- ``foreign``: ``load`` only: transformers or torch refused, with no qformat frame on the traceback (transformers
-  reading its own part of config.json), a checkpoint that ``verify`` had refused too.
+- ``foreign``: ``load`` only, on a checkpoint ``verify`` refused: transformers or torch raised with no qformat frame
+  on the traceback (transformers reading its own part of config.json), or transformers alone built a model with
+  non-finite logits (no qformat module in it: e.g. ``quant_method`` is not "qformat").
 - ``error`` (BAD): any other exception; for ``load``, also a foreign one on a checkpoint that ``verify`` accepted.
 - ``hang`` (BAD): the call ran past the deadline.
 - ``died`` (BAD): the worker process died (a signal such as SIGBUS, or a hard exit).
@@ -747,6 +748,13 @@ def _has_qformat_frame(exc: BaseException) -> bool:
     return False
 
 
+def _has_quant_linear(model: Any) -> bool:
+    """Whether qformat's loader built any of `model`'s modules."""
+    from qformat.nn import QuantLinear
+
+    return any(isinstance(module, QuantLinear) for module in model.modules())
+
+
 def _first_line(exc: BaseException) -> str:
     lines = str(exc).strip().splitlines()
     return f"{type(exc).__module__}.{type(exc).__qualname__}: {lines[0][:160] if lines else ''}"
@@ -760,13 +768,15 @@ class _Runner:
         self.verbose = verbose
         self.base_logits: dict[str, Any] = {}
 
-    def _forward(self, folder: Path, base: Base) -> Any:
+    def _forward(self, folder: Path, base: Base) -> tuple[Any, bool]:
+        """Load `folder` with transformers and run INPUT_IDS: (logits, whether qformat's loader built modules)."""
         import torch
         import transformers
 
         model = getattr(transformers, base.auto_class).from_pretrained(folder)
         with torch.no_grad():
-            return model(input_ids=torch.tensor(INPUT_IDS)).logits
+            logits = model(input_ids=torch.tensor(INPUT_IDS)).logits
+        return logits, _has_quant_linear(model)
 
     def call(self, api: str, folder: Path, base: Base, verified: bool) -> tuple[str, str]:
         """Run `api` on `folder`; returns (outcome, detail) as described in the module docstring."""
@@ -780,7 +790,7 @@ class _Runner:
             elif api == "card":
                 return self._judge_card(folder)
             else:
-                return self._judge_load(self._forward(folder, base), base, verified)
+                return self._judge_load(*self._forward(folder, base), base, verified)
         except qformat.QFormatError as exc:
             return "qformat", _first_line(exc)
         except Exception as exc:  # noqa: BLE001 - the point is to classify everything
@@ -811,15 +821,18 @@ class _Runner:
             readme.write_bytes(saved)
         return "ok", "card_lost" if lost else ""
 
-    def _judge_load(self, logits: Any, base: Base, verified: bool) -> tuple[str, str]:
+    def _judge_load(self, logits: Any, by_qformat: bool, base: Base, verified: bool) -> tuple[str, str]:
         import torch
 
         if not bool(torch.isfinite(logits).all()):
-            return "nonfinite", f"{int((~torch.isfinite(logits)).sum())} of {logits.numel()} logits not finite"
+            detail = f"{int((~torch.isfinite(logits)).sum())} of {logits.numel()} logits not finite"
+            if not verified and not by_qformat:  # e.g. quant_method is not "qformat": transformers loaded it alone
+                return "foreign", f"{detail}, from a model without qformat modules"
+            return "nonfinite", detail
         if verified:
             return "ok", ""
         if base.name not in self.base_logits:
-            self.base_logits[base.name] = self._forward(self.bases[base.name], base)
+            self.base_logits[base.name] = self._forward(self.bases[base.name], base)[0]
         reference = self.base_logits[base.name]
         same = reference.shape == logits.shape and torch.allclose(reference, logits, rtol=1e-4, atol=1e-4)
         return "ok", "lenient" if same else "wrong"
