@@ -60,7 +60,10 @@ class QFormatCheckpoint:
         for module in self.quantized_modules:  # a 2:4 module stores no .weight: present the dense weight it means
             if f"{module}.weight" not in shapes and f"{module}.shape" in shapes:
                 shapes[f"{module}.weight"] = tuple(int(v) for v in self.load(f"{module}.shape").reshape(-1).tolist())
-        return analyze_structure(self.folder, shapes, quantized=True)
+        quantized = set(self.quantized_modules)
+        full_precision = {name: entry.dtype for name, (_, entry) in self.tensors.items()
+                          if name.rpartition(".")[0] not in quantized}
+        return analyze_structure(self.folder, shapes, quantized=True, full_precision=full_precision)
 
     def load(self, name: str):  # -> torch.Tensor
         """Read one tensor (a copy in fresh memory) from the byte range its already-parsed header gives.

@@ -24,11 +24,10 @@ from qformat.errors import FormatError
 from qformat.io.safetensors_format import iter_tensor_chunks, open_tensor_data
 from qformat.quantize.observers import SCALE_PROBLEM, fp8_has_nan, scales_valid
 from qformat.quantize.sparse24 import bitmask_problem
-from qformat.spec.layout import TensorSpec, module_tensors, shape_problem
+from qformat.spec.layout import FULL_PRECISION_DTYPES, TensorSpec, module_tensors, shape_problem
 
 __all__ = ["VerifyReport", "verify"]
 
-_FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
 # Bytes read per step when hashing a tensor: large enough that sha256 runs without the GIL, small enough per thread.
 _HASH_CHUNK = 8 * 2**20
 # Most tensors hashed in one task (many tiny tensors would otherwise cost one thread hand-off each).
@@ -200,7 +199,7 @@ def verify(folder: str | Path, *, check_hashes: bool = True, check_structure: bo
         _check_values(ckpt, specs, qconfig.scheme_for(module)[1].weights.type)
     for entry in qconfig.fallback:
         weight = ckpt.entry(f"{entry.module}.weight")
-        if weight is not None and weight.dtype not in _FLOAT_DTYPES:
+        if weight is not None and weight.dtype not in FULL_PRECISION_DTYPES:
             raise _fail(entry.module, f"is kept in full precision ({entry.reason}) but stores a {weight.dtype} weight")
     stats = qconfig.statistics.get("modules")
     if isinstance(stats, dict) and set(stats) != set(quantized):

@@ -21,6 +21,7 @@ import torch
 
 from qformat.errors import FormatError, QFormatError, SourceError, UnsupportedModelError
 from qformat.io.jsonfile import load_json
+from qformat.spec.layout import FULL_PRECISION_DTYPES
 
 __all__ = ["LAYER_COUNT_KEYS", "LAYER_COUNT_SLACK", "LinearModule", "ModelStructure", "analyze_structure"]
 
@@ -228,12 +229,14 @@ def _key_renamer(model: torch.nn.Module):
 
 
 def _check_against_model(model: torch.nn.Module, modules: Mapping[str, torch.nn.Module],
-                         shapes: Mapping[str, tuple[int, ...]], rename, error: type[QFormatError]) -> None:
+                         shapes: Mapping[str, tuple[int, ...]], rename, error: type[QFormatError],
+                         full_precision: Mapping[str, str]) -> None:
     """The weights must fit the model config.json builds: every stored parameter or buffer has the model's shape,
     a Linear module stores no tensor it does not have (a `.bias` where it has none), and the model numbers no more
     layers than the weights hold. transformers would otherwise fail to load the weights, or drop or re-initialize
     some of them without an error. (Other tensors of quantized layouts are checked by verify and the importer.)"""
     expected = {name: tuple(t.shape) for name, t in model.state_dict(keep_vars=True).items()}
+    parameters = {name for name, _ in model.named_parameters(remove_duplicate=False)}
     # transformers' own (trusted) regexes of checkpoint keys a model drops on purpose, e.g. GPT-2's "attn.bias"
     ignored = [re.compile(p) for p in getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ()]
     renamed_keys = []
@@ -250,6 +253,10 @@ def _check_against_model(model: torch.nn.Module, modules: Mapping[str, torch.nn.
                         "bias); transformers would drop it, so the model would differ from the checkpoint. Fix the "
                         "checkpoint or its config.json")
         want = expected.get(renamed)
+        dtype = full_precision.get(key)
+        if dtype is not None and renamed in parameters and dtype not in FULL_PRECISION_DTYPES:
+            raise error(f"{key} is stored as {dtype}, but it is a full-precision parameter of {type(model).__name__} "
+                        "(F16, BF16, F32 or F64); the checkpoint is damaged or was modified: re-download or re-convert it")
         if want is not None and tuple(shape) != want:
             raise error(f"{key} is {list(shape)} in the weights but config.json makes it {list(want)}; the config "
                         "and the weights disagree (fix config.json or re-download the model)")
@@ -269,10 +276,12 @@ def _refuse_fused_experts(model: torch.nn.Module, model_type: str) -> None:
             )
 
 
-def analyze_structure(folder: Path, shapes: Mapping[str, tuple[int, ...]], *,
-                      quantized: bool = False) -> ModelStructure:
+def analyze_structure(folder: Path, shapes: Mapping[str, tuple[int, ...]], *, quantized: bool = False,
+                      full_precision: Mapping[str, str] | None = None) -> ModelStructure:
     """Build the model of `folder`'s config.json on meta and find every Linear module and its weight among the
-    checkpoint tensors `shapes` (name -> shape, in checkpoint order). `quantized=True` accepts a config that has a
+    checkpoint tensors `shapes` (name -> shape, in checkpoint order). `full_precision` (name -> dtype code), where
+    given, are the stored tensors that are not quantized data: each that loads into a model parameter must be a
+    float (transformers would cast an I32 LayerNorm weight silently). `quantized=True` accepts a config that has a
     quantization_config (to check a converted checkpoint's structure)."""
     error = FormatError if quantized else SourceError
     raw = _read_raw_config(folder)
@@ -284,7 +293,7 @@ def analyze_structure(folder: Path, shapes: Mapping[str, tuple[int, ...]], *,
     modules = dict(model.named_modules())
     linear_names = [n for n, m in modules.items() if isinstance(m, torch.nn.Linear)]
     rename = _key_renamer(model)
-    _check_against_model(model, modules, shapes, rename, error)
+    _check_against_model(model, modules, shapes, rename, error, full_precision or {})
 
     # model module name -> (checkpoint module name, checkpoint key)
     found: dict[str, tuple[str, str]] = {}

@@ -30,7 +30,7 @@ from qformat.io.source import SourceCheckpoint, SourceTensor, TensorReader
 from qformat.quantize.sparse24 import follows_2_4
 from qformat.spec.config import FallbackEntry
 from qformat.spec.fused import fused_groups_for, group_modules
-from qformat.spec.layout import shape_problem
+from qformat.spec.layout import FULL_PRECISION_DTYPES, shape_problem
 from qformat.spec._typed import list_at, str_at
 from qformat.spec.patterns import PatternSet
 from qformat.spec.schemes import SPARSITY_2_4, Scheme
@@ -45,7 +45,6 @@ LAYOUT_TENSORS = {
 }
 _FORMATS = ("int-quantized", "float-quantized", "naive-quantized", "pack-quantized")
 _ZERO_POINTS = ("weight_zero_point", "input_zero_point")
-_FLOAT = {"F16", "BF16", "F32", "F64"}
 _SCALE_DTYPES = {"F32", "BF16", "F16"}
 _VALUE_DTYPE = {"int": "I8", "float": "F8_E4M3"}
 
@@ -346,7 +345,7 @@ def plan_import(folder: Path, ckpt: SourceCheckpoint, reader: TensorReader) -> I
             if "weight_scale" in parts:
                 raise FormatError(f"{name} stores quantized tensors but no config group quantizes it")
             weight = parts.get("weight")
-            if weight is not None and weight.dtype not in _FLOAT:
+            if weight is not None and weight.dtype not in FULL_PRECISION_DTYPES:
                 raise FormatError(f"{name} is not quantized by the config but stores a {weight.dtype} weight")
             fallback.append(_fallback_entry(linear, groups, note))
             continue

@@ -29,6 +29,8 @@ def read_weight_index(folder: Path, index: str) -> tuple[dict[str, str], list[st
     if not isinstance(weight_map, dict) or not weight_map:
         raise CorruptCheckpointError(f"{index} is not a valid index (it needs a 'weight_map' of tensor -> file); "
                                      "re-download or re-save the model")
+    if not isinstance(data.get("metadata", {}), dict):  # transformers reads it as an object (TypeError otherwise)
+        raise CorruptCheckpointError(f"{index}: 'metadata' must be a JSON object; re-download or re-save the model")
     limit = safetensors_format.MAX_TENSORS_PER_CHECKPOINT
     if len(weight_map) > limit:
         raise CorruptCheckpointError(f"{index} maps more than {limit:,} tensors, qformat's limit per checkpoint; "

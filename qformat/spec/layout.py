@@ -13,6 +13,7 @@ from qformat.spec.schemes import Scheme
 
 __all__ = [
     "DTYPE_SIZES",
+    "FULL_PRECISION_DTYPES",
     "SCALE_DTYPE",
     "WEIGHT_SUFFIXES",
     "TensorSpec",
@@ -31,6 +32,9 @@ DTYPE_SIZES: dict[str, int] = {
     "I32": 4, "U32": 4, "F32": 4,
     "I64": 8, "U64": 8, "F64": 8,
 }  # fmt: skip
+
+#: The dtypes of full-precision tensors: what a fallback module's weight and every other float parameter is stored as.
+FULL_PRECISION_DTYPES = frozenset({"F16", "BF16", "F32", "F64"})
 
 #: Every tensor-name suffix a quantized module may have (relative to the module name).
 WEIGHT_SUFFIXES = ("weight", "weight_scale", "input_scale", "compressed", "bitmask", "shape")

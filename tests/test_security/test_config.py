@@ -257,3 +257,31 @@ def test_convert_refuses_a_source_whose_config_disagrees_with_its_weights(tiny_m
     with pytest.raises(QFormatError, match=match):
         qformat.convert(source, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_full_precision_parameter_stored_as_an_integer_is_refused(tiny_models, tmp_path):
+    """An F32 LayerNorm weight rewritten as I32 (same width, so a recomputed hash matches) must not verify:
+    transformers would cast the integers into the float parameter and load a wrong model."""
+    import torch
+
+    ckpt = qformat.convert(tiny_models["llama"], tmp_path / "ckpt", scheme="w8a8-int8").output
+    tensors = load_file(ckpt / "model.safetensors")
+    name = next(n for n in tensors if n.endswith("norm.weight"))
+    tensors[name] = tensors[name].view(torch.int32)
+    save_file(tensors, ckpt / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((ckpt / "config.json").read_text())
+    del config["quantization_config"]["provenance"]["tensor_hashes"]
+    (ckpt / "config.json").write_text(json.dumps(config))
+    with pytest.raises(qformat.FormatError, match=f"{name} is stored as I32, but it is a full-precision parameter"):
+        qformat.verify(ckpt)
+
+
+@pytest.mark.parametrize("metadata", [1.5, [1, [2]], "x", None])
+def test_an_index_whose_metadata_is_not_an_object_is_refused(tmp_path, metadata):
+    from qformat.io.index import read_weight_index
+
+    (tmp_path / "model-00001-of-00001.safetensors").write_bytes(b"")
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": metadata, "weight_map": {"a.weight": "model-00001-of-00001.safetensors"}}))
+    with pytest.raises(qformat.CorruptCheckpointError, match="'metadata' must be a JSON object"):
+        read_weight_index(tmp_path, "model.safetensors.index.json")
