@@ -839,14 +839,12 @@ class _Runner:
 
 
 def _outside_code(markdown: str) -> str:
-    """The Markdown outside fenced blocks and inline code spans: where HTML would be rendered rather than shown."""
-    kept, fenced = [], False
-    for line in markdown.splitlines():
-        if line.lstrip().startswith("```"):
-            fenced = not fenced
-        elif not fenced:
-            kept.append(re.sub(r"(`+).*?\1", "", line))
-    return "\n".join(kept)
+    """The Markdown outside fenced blocks and inline code spans: where HTML would be rendered rather than shown.
+    Fences are tracked as CommonMark does (a longer fence is not closed by a shorter one), by the cards' own rule."""
+    from qformat.cards.markdown import fenced
+
+    lines = markdown.splitlines()
+    return "\n".join(re.sub(r"(`+).*?\1", "", line) for line, code in zip(lines, fenced(lines)) if not code)
 
 
 def run_apis(folder: Path, base: Base, bases: dict[str, Path], *, load: bool = True,
