@@ -23,7 +23,8 @@ from qformat.errors import FormatError, QFormatError, SourceError, UnsupportedMo
 from qformat.io.jsonfile import load_json
 from qformat.spec.layout import FULL_PRECISION_DTYPES
 
-__all__ = ["LAYER_COUNT_KEYS", "LAYER_COUNT_SLACK", "LinearModule", "ModelStructure", "analyze_structure"]
+__all__ = ["LAYER_COUNT_KEYS", "LAYER_COUNT_SLACK", "LinearModule", "ModelStructure", "analyze_structure",
+           "check_layer_counts"]
 
 logger = logging.getLogger(__name__)
 
@@ -163,7 +164,7 @@ def _layer_counts(raw: Any, path: str = "") -> Iterator[tuple[str, Any]]:
             stack.extend((item, f"{where}[{i}]") for i, item in enumerate(node))
 
 
-def _check_layer_counts(raw: dict[str, Any], shapes: Mapping[str, tuple[int, ...]], error: type[QFormatError]) -> None:
+def check_layer_counts(raw: dict[str, Any], shapes: Mapping[str, tuple[int, ...]], error: type[QFormatError]) -> None:
     """Refuse, before building anything, a config that asks for more layers than the weights hold."""
     held = _numbered_extent(shapes)
     for where, value in _layer_counts(raw):
@@ -285,7 +286,7 @@ def analyze_structure(folder: Path, shapes: Mapping[str, tuple[int, ...]], *, qu
     quantization_config (to check a converted checkpoint's structure)."""
     error = FormatError if quantized else SourceError
     raw = _read_raw_config(folder)
-    _check_layer_counts(raw, shapes, error)
+    check_layer_counts(raw, shapes, error)
     config = _load_config(folder, raw, quantized=quantized)
     model = _build_meta_model(config)
     model_type = getattr(config, "model_type", "") or ""

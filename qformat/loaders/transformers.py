@@ -121,6 +121,20 @@ def _stored_tensors(checkpoint_files: list[str] | None) -> dict[str, HeaderEntry
     return tensors
 
 
+def _check_layer_counts_before_building(config: Any) -> None:
+    """`check_layer_counts` on a config whose `_name_or_path` is a local checkpoint folder (read from its shard
+    headers only). A Hub repo id is not resolved to files yet at this point: transformers builds it unchecked."""
+    from qformat.checkpoint.reader import open_checkpoint
+    from qformat.converter.structure import check_layer_counts
+
+    folder = Path(str(getattr(config, "_name_or_path", "") or ""))
+    if not str(folder) or not (folder / "config.json").is_file():
+        return
+    checkpoint = open_checkpoint(folder)
+    check_layer_counts(config.to_dict(), {name: entry.shape for name, (_, entry) in checkpoint.tensors.items()},
+                       FormatError)
+
+
 def _is_quantized(name: str, entry: HeaderEntry) -> bool:
     """Whether a stored tensor is quantized data: a quantized-only name, or an int8/fp8 dtype."""
     return name.rpartition(".")[2] in _QUANTIZED_SUFFIXES or entry.dtype in _QUANTIZED_DTYPES
@@ -240,6 +254,14 @@ class QFormatHfQuantizer(HfQuantizer):
 
     def validate_environment(self, *args: Any, **kwargs: Any) -> None:
         self.quantization_config.spec  # noqa: B018 - raises a clear error for a config without checkpoint data
+
+    def update_attn_implementation(self, config):
+        """transformers' last quantizer hook before it builds the model (recent versions; older ones never call
+        it): refuse a config.json that asks for more layers than a local checkpoint's weights hold, before building
+        100,000 layers takes minutes and gigabytes (the rule `qformat verify` applies)."""
+        _check_layer_counts_before_building(config)
+        parent = getattr(super(), "update_attn_implementation", None)
+        return parent(config) if parent is not None else config
 
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs: Any):
         spec = self.quantization_config.spec

@@ -175,3 +175,33 @@ def test_static_input_scale_is_checked_too():
     with torch.no_grad():
         module.input_scale.fill_(float("nan"))
     assert module.stored_value_problem() == ("input_scale", SCALE_PROBLEM)
+
+
+def test_a_config_asking_for_more_layers_than_stored_is_refused_before_building(converted, tmp_path):
+    """config.json with num_hidden_layers=100000 over a 2-layer checkpoint: from_pretrained refuses it before
+    transformers builds the model (minutes and gigabytes otherwise), where transformers has the hook for it."""
+    import json
+    import threading
+
+    import transformers
+
+    if not hasattr(transformers.quantizers.base.HfQuantizer, "update_attn_implementation"):
+        pytest.skip("this transformers has no quantizer hook between reading config.json and building the model")
+    folder = _tampered(converted("w8a8-int8"), tmp_path / "tampered", lambda tensors: None)
+    config = json.loads((folder / "config.json").read_text())
+    config["num_hidden_layers"] = 100_000
+    (folder / "config.json").write_text(json.dumps(config))
+    outcome: list[BaseException | None] = []
+
+    def load() -> None:
+        try:
+            transformers.AutoModelForCausalLM.from_pretrained(folder)
+            outcome.append(None)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            outcome.append(exc)
+
+    worker = threading.Thread(target=load, daemon=True)
+    worker.start()
+    worker.join(60)
+    assert outcome, "from_pretrained was still building the model after 60 s"
+    assert isinstance(outcome[0], FormatError) and "num_hidden_layers=100000" in str(outcome[0]), outcome
