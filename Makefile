@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 DEMO_OUT ?= qformat-demo/all-MiniLM-L6-v2-w8a8-int8
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench gpu-check clean
 
 setup: $(VENV)/.installed
 
@@ -30,6 +30,11 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest
+
+# On a machine with a CUDA GPU and its own preinstalled stack (no network): every @pytest.mark.cuda test, from the
+# source tree (no install step; `import qformat` registers the loader). No benchmark has CUDA rows yet.
+gpu-check:
+	PYTHONPATH=$(CURDIR) python3 -m pytest -m cuda -q -p no:cacheprovider
 
 bench: setup
 	$(PY) benchmarks/convert.py
