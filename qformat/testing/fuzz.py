@@ -839,12 +839,13 @@ class _Runner:
 
 
 def _outside_code(markdown: str) -> str:
-    """The Markdown outside fenced blocks and inline code spans: where HTML would be rendered rather than shown.
+    """The Markdown outside fenced blocks, inline code spans and HTML comments: where HTML would be rendered.
     Fences are tracked as CommonMark does (a longer fence is not closed by a shorter one), by the cards' own rule."""
     from qformat.cards.markdown import fenced
 
     lines = markdown.splitlines()
-    return "\n".join(re.sub(r"(`+).*?\1", "", line) for line, code in zip(lines, fenced(lines)) if not code)
+    prose = "\n".join(re.sub(r"(`+).*?\1", "", line) for line, code in zip(lines, fenced(lines)) if not code)
+    return re.sub(r"<!--.*?-->", "", prose, flags=re.DOTALL)  # an HTML comment's content is not rendered either
 
 
 def run_apis(folder: Path, base: Base, bases: dict[str, Path], *, load: bool = True,
