@@ -24,7 +24,13 @@ from qformat.errors import FormatError
 from qformat.io.safetensors_format import iter_tensor_chunks, open_tensor_data
 from qformat.quantize.observers import SCALE_PROBLEM, fp8_has_nan, scales_valid
 from qformat.quantize.sparse24 import bitmask_problem
-from qformat.spec.layout import FULL_PRECISION_DTYPES, TensorSpec, module_tensors, shape_problem
+from qformat.spec.layout import (
+    FULL_PRECISION_DTYPES,
+    TensorSpec,
+    module_tensors,
+    shape_problem,
+    stored_tensors_problem,
+)
 
 __all__ = ["VerifyReport", "verify"]
 
@@ -183,19 +189,18 @@ def verify(folder: str | Path, *, check_hashes: bool = True, check_structure: bo
     ckpt = open_checkpoint(folder)
     qconfig = ckpt.qconfig
     quantized = ckpt.quantized_modules
-    expected_names: set[str] = set()
+    entries = {name: entry for name, (_, entry) in ckpt.tensors.items()}
     for module in quantized:
         specs = _expected_tensors(ckpt, module)
-        for spec in specs:
-            entry = ckpt.entry(spec.name)
-            if entry is None:
-                raise _fail(module, f"missing tensor {spec.name}")
-            if entry.dtype != spec.dtype or entry.shape != spec.shape:
-                raise _fail(spec.name, f"is {entry.dtype} {list(entry.shape)}, the spec needs {spec.dtype} {list(spec.shape)}")
-            expected_names.add(spec.name)
-        leftover = [n for n in (f"{module}.weight", f"{module}.input_scale") if n in ckpt.tensors and n not in expected_names]
-        if leftover:
-            raise _fail(leftover[0], "is not part of its module's scheme")
+        found = stored_tensors_problem(entries, module, specs)
+        if found is not None:
+            name, kind = found
+            if kind == "missing":
+                raise _fail(module, f"missing tensor {name}")
+            if kind == "extra":
+                raise _fail(name, "is not part of its module's scheme")
+            entry, spec = entries[name], next(spec for spec in specs if spec.name == name)
+            raise _fail(name, f"is {entry.dtype} {list(entry.shape)}, the spec needs {spec.dtype} {list(spec.shape)}")
         _check_values(ckpt, specs, qconfig.scheme_for(module)[1].weights.type)
     for entry in qconfig.fallback:
         weight = ckpt.entry(f"{entry.module}.weight")

@@ -48,7 +48,7 @@ from qformat.errors import FormatError
 from qformat.io.safetensors_format import HeaderEntry, read_header
 from qformat.nn.linear import QuantLinear
 from qformat.spec.config import QUANT_METHOD, QFormatConfig
-from qformat.spec.layout import WEIGHT_SUFFIXES, TensorSpec, module_tensors, shape_problem
+from qformat.spec.layout import WEIGHT_SUFFIXES, TensorSpec, module_tensors, shape_problem, stored_tensors_problem
 from qformat.spec.schemes import Scheme
 
 __all__ = ["QFormatHfQuantizer", "QFormatQuantizationConfig", "register"]
@@ -152,18 +152,16 @@ def _fail(name: str, problem: str) -> FormatError:
 def _check_module_header(stored: dict[str, HeaderEntry], module: str, scheme_name: str,
                          specs: list[TensorSpec]) -> None:
     """Every tensor the scheme needs is stored with its dtype and shape, and no other quantized tensor of `module`."""
-    for spec in specs:
-        entry = stored.get(spec.name)
-        if entry is None:
-            raise _fail(module, f"misses {spec.name}, which scheme {scheme_name} needs")
-        if entry.dtype != spec.dtype or entry.shape != spec.shape:
-            raise _fail(spec.name, f"is {entry.dtype} {list(entry.shape)}, scheme {scheme_name} needs {spec.dtype} "
-                                   f"{list(spec.shape)}")
-    wanted = {spec.name for spec in specs}
-    extra = sorted(f"{module}.{suffix}" for suffix in WEIGHT_SUFFIXES
-                   if f"{module}.{suffix}" in stored and f"{module}.{suffix}" not in wanted)
-    if extra:
-        raise _fail(extra[0], f"is not part of scheme {scheme_name}")
+    found = stored_tensors_problem(stored, module, specs)
+    if found is None:
+        return
+    name, kind = found
+    if kind == "missing":
+        raise _fail(module, f"misses {name}, which scheme {scheme_name} needs")
+    if kind == "extra":
+        raise _fail(name, f"is not part of scheme {scheme_name}")
+    entry, spec = stored[name], next(spec for spec in specs if spec.name == name)
+    raise _fail(name, f"is {entry.dtype} {list(entry.shape)}, scheme {scheme_name} needs {spec.dtype} {list(spec.shape)}")
 
 
 def _check_scheme_fits(stored: dict[str, HeaderEntry], module: str, scheme_name: str, scheme: Scheme,
@@ -179,8 +177,7 @@ def _check_scheme_fits(stored: dict[str, HeaderEntry], module: str, scheme_name:
 
 def _model_module(module: str, model_modules: set[str], prefix: str) -> str | None:
     """The model's module that checkpoint module `module` would load into, or None if the model has none."""
-    candidates = (module, module.removeprefix(f"{prefix}."), f"{prefix}.{module}") if prefix else (module,)
-    return next((c for c in candidates if c in model_modules), None)
+    return next((c for c in _prefix_variants(module, prefix) if c in model_modules), None)
 
 
 def _check_nothing_quantized_elsewhere(stored: dict[str, HeaderEntry], quantized: set[str], model: nn.Module,
@@ -209,12 +206,17 @@ def _check_values(model: nn.Module, checkpoint_names: dict[str, str]) -> None:
                 raise _fail(f"{checkpoint_names.get(name, name)}.{tensor}", what)
 
 
+def _prefix_variants(name: str, prefix: str) -> tuple[str, ...]:
+    """`name` as is, with `base_model_prefix` added and with it dropped: the names the same module may have on the
+    other side (checkpoint or model)."""
+    return (name, f"{prefix}.{name}", name.removeprefix(f"{prefix}.")) if prefix else (name,)
+
+
 def _checkpoint_name(name: str, known: set[str] | None, prefix: str) -> str | None:
     """The checkpoint's name for model module `name` (the model may add or drop `base_model_prefix`)."""
-    candidates = [name, f"{prefix}.{name}" if prefix else name, name.removeprefix(f"{prefix}.") if prefix else name]
     if known is None:
         return name
-    return next((c for c in candidates if c in known), None)
+    return next((c for c in _prefix_variants(name, prefix) if c in known), None)
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:

@@ -7,7 +7,9 @@ compressed-tensors uses for the same data: `weight` + `weight_scale` for dense m
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
 from qformat.spec.schemes import Scheme
 
@@ -15,11 +17,13 @@ __all__ = [
     "DTYPE_SIZES",
     "FULL_PRECISION_DTYPES",
     "SCALE_DTYPE",
+    "StoredTensor",
     "WEIGHT_SUFFIXES",
     "TensorSpec",
     "module_tensors",
     "quantized_nbytes",
     "shape_problem",
+    "stored_tensors_problem",
 ]
 
 #: Scales are always stored as float32, whatever the model's dtype.
@@ -80,6 +84,31 @@ def module_tensors(module: str, scheme: Scheme, out_features: int, in_features: 
     if scheme.has_static_input_scale:
         tensors.append(TensorSpec(f"{module}.input_scale", SCALE_DTYPE, (1,)))
     return tensors
+
+
+class StoredTensor(Protocol):
+    """What a reader knows of a stored tensor before reading it (a safetensors header entry has both)."""
+
+    dtype: str
+    shape: tuple[int, ...]
+
+
+def stored_tensors_problem(stored: Mapping[str, StoredTensor], module: str,
+                           specs: list[TensorSpec]) -> tuple[str, str] | None:
+    """How the tensors stored for `module` differ from the scheme's `specs` (from `module_tensors`), as
+    (tensor name, kind) for the first difference, or None; `stored` maps every tensor name to its header entry.
+
+    Kinds: "missing" (a tensor the scheme needs is absent), "mismatch" (present with another dtype or shape), "extra"
+    (the module stores another of `WEIGHT_SUFFIXES` that the scheme does not have). Readers word the error."""
+    for spec in specs:
+        found = stored.get(spec.name)
+        if found is None:
+            return spec.name, "missing"
+        if (found.dtype, tuple(found.shape)) != (spec.dtype, spec.shape):
+            return spec.name, "mismatch"
+    wanted = {spec.name for spec in specs}
+    extra = sorted(name for suffix in WEIGHT_SUFFIXES if (name := f"{module}.{suffix}") in stored and name not in wanted)
+    return (extra[0], "extra") if extra else None
 
 
 def quantized_nbytes(scheme: Scheme, out_features: int, in_features: int) -> int:
