@@ -161,7 +161,8 @@ def _check_module_header(stored: dict[str, HeaderEntry], module: str, scheme_nam
     if kind == "extra":
         raise _fail(name, f"is not part of scheme {scheme_name}")
     entry, spec = stored[name], next(spec for spec in specs if spec.name == name)
-    raise _fail(name, f"is {entry.dtype} {list(entry.shape)}, scheme {scheme_name} needs {spec.dtype} {list(spec.shape)}")
+    raise _fail(name, f"is {entry.dtype} {list(entry.shape)}, scheme {scheme_name} needs {spec.dtype} "
+                      f"{list(spec.shape)}")
 
 
 def _check_scheme_fits(stored: dict[str, HeaderEntry], module: str, scheme_name: str, scheme: Scheme,

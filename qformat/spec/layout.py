@@ -107,7 +107,8 @@ def stored_tensors_problem(stored: Mapping[str, StoredTensor], module: str,
         if (found.dtype, tuple(found.shape)) != (spec.dtype, spec.shape):
             return spec.name, "mismatch"
     wanted = {spec.name for spec in specs}
-    extra = sorted(name for suffix in WEIGHT_SUFFIXES if (name := f"{module}.{suffix}") in stored and name not in wanted)
+    extra = sorted(name for suffix in WEIGHT_SUFFIXES
+                   if (name := f"{module}.{suffix}") in stored and name not in wanted)
     return (extra[0], "extra") if extra else None
 
 
