@@ -15,7 +15,7 @@ from qformat.io.jsonfile import load_json
 from qformat.io.paths import inside_root, link_root
 from qformat.io.safetensors_format import HeaderEntry, SafetensorsHeader, open_tensor_data, read_header, read_into
 from qformat.spec._typed import list_at, str_at
-from qformat.spec.config import QFormatConfig
+from qformat.spec.config import CheckpointConfig
 
 __all__ = ["QFormatCheckpoint", "format_errors", "open_checkpoint"]
 
@@ -32,7 +32,7 @@ class QFormatCheckpoint:
 
     folder: Path
     config: dict[str, Any]
-    qconfig: QFormatConfig
+    qconfig: CheckpointConfig
     files: tuple[str, ...]
     index: dict[str, str] | None
     headers: dict[str, SafetensorsHeader]
@@ -99,7 +99,7 @@ def format_errors() -> Iterator[None]:
         raise FormatError(str(exc)) from None
 
 
-def _read_config(folder: Path) -> tuple[dict[str, Any], QFormatConfig]:
+def _read_config(folder: Path) -> tuple[dict[str, Any], CheckpointConfig]:
     """config.json (read with the untrusted-JSON limits) and its parsed quantization_config; the top-level keys
     qformat's tools read (`architectures`, `model_type`, `dtype`) must have their JSON types."""
     path = folder / "config.json"
@@ -112,7 +112,7 @@ def _read_config(folder: Path) -> tuple[dict[str, Any], QFormatConfig]:
         str_at(arch, f"config.json architectures[{i}]")
     for key in ("model_type", "dtype", "torch_dtype"):
         str_at(config.get(key), f"config.json {key}", nullable=True)
-    return config, QFormatConfig.from_dict(config["quantization_config"])
+    return config, CheckpointConfig.from_dict(config["quantization_config"])
 
 
 def _weight_files(folder: Path) -> tuple[tuple[str, ...], dict[str, str] | None]:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from qformat.converter.options import FULL_PRECISION, ConvertOptions
 from qformat.converter.structure import LinearModule, ModelStructure
 from qformat.errors import OptionError
-from qformat.spec.config import FallbackEntry, QFormatConfig
+from qformat.spec.config import FallbackEntry, CheckpointConfig
 from qformat.spec.fused import FusedGroups, fused_groups_for, group_modules
 from qformat.spec.layout import shape_problem
 from qformat.spec.patterns import REGEX_PREFIX, PatternSet, RuleSet, pattern_matches
@@ -64,8 +64,8 @@ class ConversionPlan:
     def quantized(self) -> list[ModuleDecision]:
         return [d for d in self.decisions.values() if d.quantized]
 
-    def config(self, **extra: object) -> QFormatConfig:
-        return QFormatConfig(
+    def config(self, **extra: object) -> CheckpointConfig:
+        return CheckpointConfig(
             schemes=self.schemes,
             default_scheme=self.default_scheme,
             overrides=self.overrides,

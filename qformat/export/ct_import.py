@@ -33,7 +33,7 @@ from qformat.io.safetensors_format import layout_file
 from qformat.io.source import SAFETENSORS_CODES, SourceCheckpoint, TensorReader
 from qformat.io.writer import ShardWriter, write_json
 from qformat.quantize.sparse24 import compress_2_4, decompress_2_4
-from qformat.spec.config import QFormatConfig
+from qformat.spec.config import CheckpointConfig
 from qformat.spec.fused import fused_groups_for
 from qformat.spec.layout import TensorSpec, module_tensors
 from qformat.spec.schemes import scheme_name_for
@@ -150,7 +150,7 @@ def _parameters(plan: ImportPlan, ckpt: SourceCheckpoint) -> int:
 
 
 def _qformat_config(plan: ImportPlan, ckpt: SourceCheckpoint, repo_id: str | None, revision: str | None,
-                    base_model: str | None, hashes: dict[str, str], nbytes: int) -> QFormatConfig:
+                    base_model: str | None, hashes: dict[str, str], nbytes: int) -> CheckpointConfig:
     import safetensors
     import transformers
 
@@ -178,7 +178,7 @@ def _qformat_config(plan: ImportPlan, ckpt: SourceCheckpoint, repo_id: str | Non
     statistics = {"linear_modules": len(plan.structure.linears), "quantized_modules": len(plan.modules),
                   "checkpoint_bytes": nbytes,
                   "modules": {m: {"scheme": names[m], "observer": None, "rel_error": None} for m in plan.modules}}
-    config = QFormatConfig(schemes=schemes, default_scheme=default,
+    config = CheckpointConfig(schemes=schemes, default_scheme=default,
                            overrides=tuple((m, n) for m, n in names.items() if n != default),
                            fallback=plan.fallback, fused_groups=fused_groups_for(plan.structure.model_type),
                            provenance=provenance, statistics=statistics)

@@ -47,7 +47,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 from qformat.errors import FormatError
 from qformat.io.safetensors_format import HeaderEntry, read_header
 from qformat.nn.linear import QuantLinear
-from qformat.spec.config import QUANT_METHOD, QFormatConfig
+from qformat.spec.config import QUANT_METHOD, CheckpointConfig
 from qformat.spec.layout import WEIGHT_SUFFIXES, TensorSpec, module_tensors, shape_problem, stored_tensors_problem
 from qformat.spec.schemes import Scheme
 
@@ -72,7 +72,7 @@ class QFormatQuantizationConfig(QuantizationConfigMixin):
     """config.json's `quantization_config` for quant_method "qformat", as transformers handles it.
 
     It keeps the checkpoint's block verbatim (so `save_pretrained` writes it back unchanged) and validates it with
-    `qformat.spec.QFormatConfig` (an unknown format version fails here, with an upgrade hint). `dequantize=True` is a
+    `qformat.spec.CheckpointConfig` (an unknown format version fails here, with an upgrade hint). `dequantize=True` is a
     loading option: pass `QFormatQuantizationConfig(dequantize=True)` to `from_pretrained` for a plain model.
     """
 
@@ -81,10 +81,10 @@ class QFormatQuantizationConfig(QuantizationConfigMixin):
         self.dequantize = dequantize
         data.pop("quant_method", None)
         self._data = data
-        self._spec = QFormatConfig.from_dict({"quant_method": QUANT_METHOD, **data}) if data else None
+        self._spec = CheckpointConfig.from_dict({"quant_method": QUANT_METHOD, **data}) if data else None
 
     @property
-    def spec(self) -> QFormatConfig:
+    def spec(self) -> CheckpointConfig:
         if self._spec is None:
             raise FormatError("this QFormatQuantizationConfig holds only loading options, not a checkpoint's config")
         return self._spec

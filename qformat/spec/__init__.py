@@ -3,7 +3,7 @@
 Importing this subpackage does not import torch. docs/FORMAT.md is the normative text.
 """
 
-from qformat.spec.config import FALLBACK_REASONS, FORMAT_VERSION, QUANT_METHOD, FallbackEntry, QFormatConfig
+from qformat.spec.config import FALLBACK_REASONS, FORMAT_VERSION, QUANT_METHOD, FallbackEntry, CheckpointConfig
 from qformat.spec.fused import DEFAULT_FUSED_GROUPS, FUSED_GROUPS_BY_MODEL_TYPE, fused_groups_for, group_modules
 from qformat.spec.layout import DTYPE_SIZES, SCALE_DTYPE, TensorSpec, module_tensors, quantized_nbytes, shape_problem
 from qformat.spec.patterns import (
@@ -37,7 +37,7 @@ __all__ = [
     "SPARSITY_2_4",
     "FallbackEntry",
     "PatternSet",
-    "QFormatConfig",
+    "CheckpointConfig",
     "QuantArgs",
     "RuleSet",
     "Scheme",

@@ -1,6 +1,6 @@
 """The `quantization_config` block of a qformat checkpoint's config.json, as a frozen dataclass.
 
-`QFormatConfig.from_dict` is the one place that decides whether a reader understands a checkpoint: it refuses an
+`CheckpointConfig.from_dict` is the one place that decides whether a reader understands a checkpoint: it refuses an
 unknown major `format_version`, checks every key it needs, and ignores keys it does not know (so later minor additions
 stay readable). docs/FORMAT.md is the normative description; this module implements it without importing torch.
 """
@@ -22,7 +22,7 @@ __all__ = [
     "FORMAT_VERSION",
     "QUANT_METHOD",
     "FallbackEntry",
-    "QFormatConfig",
+    "CheckpointConfig",
 ]
 
 QUANT_METHOD = "qformat"
@@ -70,8 +70,11 @@ class FallbackEntry:
 
 
 @dataclass(frozen=True, kw_only=True)
-class QFormatConfig:
-    """Everything config.json's `quantization_config` says about a qformat checkpoint.
+class CheckpointConfig:
+    """Everything config.json's `quantization_config` says about a qformat checkpoint (the format's own block).
+
+    Not to be confused with `qformat.QFormatConfig`, the user's quantization request (scheme, ignore, overrides),
+    which transformers' `from_pretrained(..., quantization_config=...)` takes.
 
     Readers need `schemes`, `default_scheme`, `overrides` and `fallback` to know how every Linear module is stored;
     `provenance` and `statistics` describe how the checkpoint was made; `evaluation` and `fallback_search` are
@@ -147,7 +150,7 @@ class QFormatConfig:
         }
 
     @classmethod
-    def from_dict(cls, data: Any) -> QFormatConfig:
+    def from_dict(cls, data: Any) -> CheckpointConfig:
         """Parse a `quantization_config` dict; raise `FormatError` naming the first problem and its key path.
 
         Every key docs/FORMAT.md defines must have the type it gives (`"false"` is not a boolean, `true` not an

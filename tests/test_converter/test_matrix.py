@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 import qformat
-from qformat.spec import QFormatConfig, quantized_nbytes
+from qformat.spec import CheckpointConfig, quantized_nbytes
 from qformat.testing import spec_error_bound
 
 SCHEMES = ["w8a16-int8", "w8a8-int8", "fp8-dynamic", "fp8-weight-only"]
@@ -43,7 +43,7 @@ def _qconfig(folder: Path) -> dict:
 def check_within_bound(source: Path, output: Path) -> int:
     """Independently decode every quantized module of `output` and compare with `source`; return how many."""
     src, out = _load(source), _load(output)
-    qc = QFormatConfig.from_dict(_qconfig(output))
+    qc = CheckpointConfig.from_dict(_qconfig(output))
     checked = 0
     for name in [k[: -len(".weight_scale")] for k in out if k.endswith(".weight_scale")]:
         scheme_name, scheme = qc.scheme_for(name)

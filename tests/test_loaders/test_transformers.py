@@ -26,7 +26,7 @@ from qformat.errors import UnsupportedFormatVersionError
 from qformat.kernels import fake_quantize
 from qformat.loaders.transformers import QFormatQuantizationConfig
 from qformat.nn import QuantLinear
-from qformat.spec import QFormatConfig
+from qformat.spec import CheckpointConfig
 
 AUTO = {"llama": AutoModelForCausalLM, "opt": AutoModelForCausalLM, "bart": AutoModelForSeq2SeqLM,
         "xlm-roberta": AutoModelForSequenceClassification}
@@ -52,8 +52,8 @@ def _inputs(arch: str) -> dict[str, torch.Tensor]:
     return {"input_ids": ids}
 
 
-def _spec(folder: Path) -> QFormatConfig:
-    return QFormatConfig.from_dict(json.loads((folder / "config.json").read_text())["quantization_config"])
+def _spec(folder: Path) -> CheckpointConfig:
+    return CheckpointConfig.from_dict(json.loads((folder / "config.json").read_text())["quantization_config"])
 
 
 def reference_model(cls, folder: Path, **kwargs) -> nn.Module:

@@ -20,7 +20,7 @@ import qformat
 from qformat.cli.main import cli
 from qformat.errors import FormatError, QFormatError
 from qformat.io.jsonfile import JSON_MAX_DEPTH, load_json
-from qformat.spec.config import QFormatConfig
+from qformat.spec.config import CheckpointConfig
 
 Q = "model.layers.0.self_attn.q_proj"
 
@@ -168,7 +168,7 @@ def test_the_json_reader_refuses_what_is_not_a_regular_file(tmp_path):
 
 def test_the_strict_parser_still_reads_every_scheme_it_writes(converted):
     config = json.loads((converted / "config.json").read_text())["quantization_config"]
-    assert QFormatConfig.from_dict(config).to_dict() == {**config, "quant_method": "qformat"}
+    assert CheckpointConfig.from_dict(config).to_dict() == {**config, "quant_method": "qformat"}
 
 
 # -- config.json against the weights: what transformers cannot load fails verify -----------------------------------

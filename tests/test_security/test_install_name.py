@@ -13,7 +13,7 @@ import qformat
 from qformat._version import DISTRIBUTION, __version__
 from qformat.cards import render_card
 from qformat.errors import UnsupportedFormatVersionError
-from qformat.spec.config import QFormatConfig
+from qformat.spec.config import CheckpointConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 #: `pip install qformat` (with options) followed by the end of the name: the stranger's package.
@@ -48,7 +48,7 @@ def test_card_names_the_distribution(card_text):
 
 def test_format_version_error_names_the_distribution():
     with pytest.raises(UnsupportedFormatVersionError) as caught:
-        QFormatConfig.from_dict({"quant_method": "qformat", "format_version": 99})
+        CheckpointConfig.from_dict({"quant_method": "qformat", "format_version": 99})
     message = str(caught.value)
     assert OURS.search(message) and not BARE.search(message)
 

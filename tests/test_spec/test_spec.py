@@ -11,7 +11,7 @@ from qformat.errors import FormatError, OptionError, UnsupportedFormatVersionErr
 from qformat.spec import (
     BUILTIN_SCHEMES,
     FallbackEntry,
-    QFormatConfig,
+    CheckpointConfig,
     first_match,
     fused_groups_for,
     group_modules,
@@ -68,7 +68,7 @@ def test_exact_names_beat_regex_and_first_regex_wins():
 
 def test_config_precedence_fallback_then_exact_then_regex_then_default():
     schemes = {n: BUILTIN_SCHEMES[n] for n in ("w8a8-int8", "fp8-dynamic", "w8a16-int8")}
-    config = QFormatConfig(
+    config = CheckpointConfig(
         schemes=schemes, default_scheme="w8a8-int8",
         overrides=(("re:.*mlp.*", "fp8-dynamic"), ("m.mlp.gate", "w8a16-int8")),
         fallback=(FallbackEntry(module="m.mlp.up", reason="user", detail="--ignore m.mlp.up"),),
@@ -87,9 +87,9 @@ def _minimal(**extra):
 
 
 def test_config_round_trip_and_unknown_keys_ignored():
-    config = QFormatConfig.from_dict(_minimal(future_key={"x": 1}, fallback=[{"module": "lm_head", "reason": "default",
+    config = CheckpointConfig.from_dict(_minimal(future_key={"x": 1}, fallback=[{"module": "lm_head", "reason": "default",
                                                                               "new_field": 3}]))
-    again = QFormatConfig.from_dict(config.to_dict())
+    again = CheckpointConfig.from_dict(config.to_dict())
     assert again == config
     assert "future_key" not in config.to_dict()
 
@@ -97,12 +97,12 @@ def test_config_round_trip_and_unknown_keys_ignored():
 @pytest.mark.parametrize("version", [2, 0, "1", None])
 def test_unknown_major_version_is_refused(version):
     with pytest.raises(FormatError, match="format version|format_version"):
-        QFormatConfig.from_dict(_minimal(format_version=version))
+        CheckpointConfig.from_dict(_minimal(format_version=version))
 
 
 def test_newer_version_error_says_upgrade():
     with pytest.raises(UnsupportedFormatVersionError, match="version 2.*upgrade qformat"):
-        QFormatConfig.from_dict(_minimal(format_version=2))
+        CheckpointConfig.from_dict(_minimal(format_version=2))
 
 
 @pytest.mark.parametrize("bad, match", [
@@ -116,7 +116,7 @@ def test_newer_version_error_says_upgrade():
 ])
 def test_invalid_configs_name_the_problem(bad, match):
     with pytest.raises(FormatError, match=match):
-        QFormatConfig.from_dict(_minimal(**bad))
+        CheckpointConfig.from_dict(_minimal(**bad))
 
 
 def test_fused_groups_found_by_parent_and_table():
