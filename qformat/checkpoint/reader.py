@@ -51,10 +51,10 @@ class QFormatCheckpoint:
         found = self.tensors.get(name)
         return None if found is None else found[1]
 
-    def structure(self):  # -> qformat.converter.structure.ModelStructure
+    def structure(self):  # -> qformat.models.structure.ModelStructure
         """The model's Linear modules (built on the meta device from config.json), with each quantized module's
         dense shape; raises `UnsupportedModelError` where the installed transformers cannot build it."""
-        from qformat.converter.structure import analyze_structure
+        from qformat.models.structure import analyze_structure
 
         shapes = {name: entry.shape for name, (_, entry) in self.tensors.items()}
         for module in self.quantized_modules:  # a 2:4 module stores no .weight: present the dense weight it means

@@ -13,9 +13,9 @@ from qformat.converter.files import copy_support_files
 from qformat.converter.layout import OutputLayout, plan_output
 from qformat.converter.options import ConvertOptions
 from qformat.converter.pipeline import run_pipeline
-from qformat.converter.plan import ConversionPlan, plan_conversion
+from qformat.plan.rules import ConversionPlan, plan_conversion
 from qformat.converter.source import ResolvedSource, resolve_source_for
-from qformat.converter.structure import analyze_structure
+from qformat.models.structure import analyze_structure
 from qformat.errors import CorruptCheckpointError, SourceError, UnsupportedModelError
 from qformat.io.atomic import atomic_output_dir
 from qformat.io.index import write_weight_index

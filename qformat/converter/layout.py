@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from qformat.converter.plan import ConversionPlan, ModuleDecision
+from qformat.plan.rules import ConversionPlan, ModuleDecision
 from qformat.io.safetensors_format import FileLayout, layout_file
 from qformat.io.source import SourceCheckpoint, SourceTensor
 from qformat.spec.layout import TensorSpec, module_tensors

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from qformat.converter.structure import LinearModule, ModelStructure, analyze_structure
+from qformat.models.structure import LinearModule, ModelStructure, analyze_structure
 from qformat.errors import FormatError, OptionError
 from qformat.export.ct_config import scheme_from_ct
 from qformat.export.packing import unpack_int8

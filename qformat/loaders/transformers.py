@@ -125,7 +125,7 @@ def _check_layer_counts_before_building(config: Any) -> None:
     """`check_layer_counts` on a config whose `_name_or_path` is a local checkpoint folder (read from its shard
     headers only). A Hub repo id is not resolved to files yet at this point: transformers builds it unchecked."""
     from qformat.checkpoint.reader import open_checkpoint
-    from qformat.converter.structure import check_layer_counts
+    from qformat.models.structure import check_layer_counts
 
     folder = Path(str(getattr(config, "_name_or_path", "") or ""))
     if not str(folder) or not (folder / "config.json").is_file():

@@ -120,7 +120,7 @@ def test_local_source_records_base_model_and_exact_options(tiny_models, tmp_path
     assert prov["source"] == {**prov["source"], "repo_id": None, "revision": None, "base_model": "org/llama-tiny"}
     assert prov["options"] == {"scheme": "fp8-dynamic", "ignore": ["re:.*down_proj"], "observer": "absmax",
                                "overrides": ["re:.*self_attn.*=w8a8-int8"], "sparsity": None, "base_model": "org/llama-tiny",
-                               "revision": None, "max_shard_size": 10**9}
+                               "revision": None, "max_shard_size": 10**9, "dtype": "auto"}
     assert prov["command"] == ("qformat convert org/llama-tiny OUTPUT --scheme fp8-dynamic --ignore 're:.*down_proj' "
                                "--override 're:.*self_attn.*=w8a8-int8' --observer absmax --base-model org/llama-tiny "
                                "--max-shard-size 1000000000")

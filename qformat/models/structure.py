@@ -21,17 +21,24 @@ import torch
 
 from qformat.errors import FormatError, QFormatError, SourceError, UnsupportedModelError
 from qformat.io.jsonfile import load_json
+from qformat.models.names import NameMap, checkpoint_shapes
 from qformat.spec.layout import FULL_PRECISION_DTYPES
 
 __all__ = ["LAYER_COUNT_KEYS", "LAYER_COUNT_SLACK", "LinearModule", "ModelStructure", "analyze_structure",
-           "check_layer_counts"]
+           "check_layer_counts", "structure_of"]
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class LinearModule:
-    """A `torch.nn.Linear` of the model. `name` is its tensor-name prefix in the checkpoint (key minus ".weight")."""
+    """A `torch.nn.Linear` of the model, by both of its names.
+
+    `name` is its tensor-name prefix in the checkpoint (key minus ".weight"), the name configs, patterns and fallback
+    lists use; `module_path` is where it lives in the model (`model.get_submodule(module_path)`). They differ where
+    transformers renames keys on load (`qformat.models.names`). A module the checkpoint lacks has its model name as
+    both.
+    """
 
     name: str
     out_features: int
@@ -40,6 +47,11 @@ class LinearModule:
     bias_key: str | None
     output_embedding: bool = False
     tied: bool = False
+    module_path: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.module_path:
+            object.__setattr__(self, "module_path", self.name)
 
     @property
     def in_checkpoint(self) -> bool:
@@ -194,41 +206,6 @@ def _build_meta_model(config) -> torch.nn.Module:  # config: transformers.Pretra
         ) from None
 
 
-def _key_renamer(model: torch.nn.Module):
-    """A function checkpoint key -> model state-dict key, as transformers' loader renames keys.
-
-    Returns (renamer, converted) where `converted(key)` tells whether a WeightConverter (merging/splitting tensors on
-    load, as for MoE experts) takes the key.
-    """
-    meta_sd = model.state_dict()
-    prefix = getattr(model, "base_model_prefix", "") or None
-    try:
-        from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
-
-        mapping = get_model_conversion_mapping(model)
-        renamings = [m for m in mapping if isinstance(m, WeightRenaming)]
-        converters = [m for m in mapping if isinstance(m, WeightConverter)]
-    except Exception:  # older/newer transformers without this API: plain names with prefix handling
-        rename_source_key, renamings, converters = None, [], []
-
-    def rename(key: str) -> tuple[str, bool]:
-        if rename_source_key is not None:
-            renamed, pattern = rename_source_key(key, renamings, converters, prefix, meta_sd)
-            if renamed not in meta_sd and key in meta_sd:
-                return key, False
-            return renamed, pattern is not None
-        if key in meta_sd or prefix is None:
-            return key, False
-        if key.startswith(prefix + ".") and key[len(prefix) + 1 :] in meta_sd:
-            return key[len(prefix) + 1 :], False
-        if f"{prefix}.{key}" in meta_sd:
-            return f"{prefix}.{key}", False
-        return key, False
-
-    return rename
-
-
 def _check_against_model(model: torch.nn.Module, modules: Mapping[str, torch.nn.Module],
                          shapes: Mapping[str, tuple[int, ...]], rename, error: type[QFormatError],
                          full_precision: Mapping[str, str]) -> None:
@@ -289,11 +266,22 @@ def analyze_structure(folder: Path, shapes: Mapping[str, tuple[int, ...]], *, qu
     check_layer_counts(raw, shapes, error)
     config = _load_config(folder, raw, quantized=quantized)
     model = _build_meta_model(config)
-    model_type = getattr(config, "model_type", "") or ""
+    return structure_of(model, shapes, error=error, full_precision=full_precision)
+
+
+def structure_of(model: torch.nn.Module, shapes: Mapping[str, tuple[int, ...]] | None = None, *,
+                 error: type[QFormatError] = SourceError,
+                 full_precision: Mapping[str, str] | None = None) -> ModelStructure:
+    """The structure of `model` (on meta, or live on any device) with the checkpoint tensors `shapes`: every Linear
+    module with its checkpoint and model names. `shapes=None` takes the model's own tensors as `save_pretrained`
+    would name them (`qformat.models.names.checkpoint_shapes`). The same rules as for a folder apply."""
+    if shapes is None:
+        shapes = checkpoint_shapes(model)
+    model_type = getattr(getattr(model, "config", None), "model_type", "") or ""
     _refuse_fused_experts(model, model_type)
     modules = dict(model.named_modules())
     linear_names = [n for n, m in modules.items() if isinstance(m, torch.nn.Linear)]
-    rename = _key_renamer(model)
+    rename = NameMap(model).key
     _check_against_model(model, modules, shapes, rename, error, full_precision or {})
 
     # model module name -> (checkpoint module name, checkpoint key)
@@ -332,7 +320,8 @@ def analyze_structure(folder: Path, shapes: Mapping[str, tuple[int, ...]], *, qu
             name, weight_key = ckpt
             out_f, in_f = shapes[weight_key]
             bias_key = f"{name}.bias" if f"{name}.bias" in shapes else None
-        linears[name] = LinearModule(name, out_f, in_f, weight_key, bias_key, is_output, is_output and tied)
+        linears[name] = LinearModule(name, out_f, in_f, weight_key, bias_key, is_output, is_output and tied,
+                                     module_path=model_name)
     order = {key: i for i, key in enumerate(shapes)}
     ordered = sorted(linears.values(), key=lambda m: (m.weight_key is None, order.get(m.weight_key or "", 0)))
     architecture = type(model).__name__

@@ -16,8 +16,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from qformat.converter.options import FULL_PRECISION, ConvertOptions
-from qformat.converter.structure import LinearModule, ModelStructure
+from qformat.plan.recipe import FULL_PRECISION, QuantRecipe
+from qformat.models.structure import LinearModule, ModelStructure
 from qformat.errors import OptionError
 from qformat.spec.config import FallbackEntry, CheckpointConfig
 from qformat.spec.fused import FusedGroups, fused_groups_for, group_modules
@@ -87,7 +87,7 @@ def _check_exact_names(patterns: list[str], names: set[str], flag: str) -> None:
             )
 
 
-def _initial(module: LinearModule, options: ConvertOptions, overrides: RuleSet[str],
+def _initial(module: LinearModule, options: QuantRecipe, overrides: RuleSet[str],
              ignore: PatternSet) -> ModuleDecision:
     name = module.name
     rule = overrides.first(name)
@@ -138,7 +138,7 @@ def _enforce_fused(decisions: dict[str, ModuleDecision], groups: list[tuple[str,
             )
 
 
-def plan_conversion(structure: ModelStructure, options: ConvertOptions) -> ConversionPlan:
+def plan_conversion(structure: ModelStructure, options: QuantRecipe) -> ConversionPlan:
     """Decide every Linear module of `structure` under `options` (see the module docstring for the rules)."""
     names = set(structure.linears)
     _check_exact_names(list(options.ignore), names, "--ignore")

@@ -1,0 +1,149 @@
+"""`QuantRecipe`: what to quantize and how, validated once; the one set of options every quantization path takes.
+
+`qformat convert` (through `ConvertOptions`, which adds its I/O options), `from_pretrained(...,
+quantization_config=QFormatConfig(...))` and `qformat.quantize_` all build one of these, so a name, a default or a
+check is written once: the scheme and its override targets resolve to format schemes here, patterns are checked here
+(syntax, length, count), and `to_record`/`command_args` are how every path records the recipe in provenance.
+"""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass, field
+from typing import Any
+
+from qformat.errors import OptionError
+from qformat.quantize.observers import OBSERVERS
+from qformat.spec.patterns import PatternSet, RuleSet
+from qformat.spec.schemes import SPARSITY_2_4, Scheme, resolve_scheme_name
+
+__all__ = ["AUTO_DTYPE", "DTYPES", "FULL_PRECISION", "QuantRecipe", "parse_override"]
+
+#: The override target that keeps matching modules in full precision (fallback reason "user").
+FULL_PRECISION = "none"
+#: `dtype` value meaning: the source config's `dtype`/`torch_dtype`, else each tensor's stored dtype.
+AUTO_DTYPE = "auto"
+#: Dtypes the tensors kept in full precision may be written in (safetensors dtype codes).
+DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
+
+
+def parse_override(text: str) -> tuple[str, str]:
+    """"PATTERN=SCHEME" -> (pattern, scheme). The last "=" splits, so regexes may contain "="."""
+    pattern, sep, scheme = text.rpartition("=")
+    if not sep or not pattern or not scheme:
+        raise OptionError(f"override {text!r} must look like PATTERN=SCHEME, e.g. 're:.*down_proj=fp8-dynamic'")
+    return pattern, scheme
+
+
+def _overrides(value: Any) -> tuple[tuple[str, str], ...]:
+    """Overrides as given by a user: a {pattern: scheme} dict, "PATTERN=SCHEME" strings or (pattern, scheme) pairs."""
+    if isinstance(value, dict):
+        items = list(value.items())
+    elif isinstance(value, (str, bytes)):
+        raise OptionError("overrides must be a {pattern: scheme} dict or a list of 'PATTERN=SCHEME' strings")
+    else:
+        items = [parse_override(o) if isinstance(o, str) else tuple(o) for o in value]
+    for item in items:
+        if len(item) != 2 or not all(isinstance(part, str) for part in item):
+            raise OptionError(f"override {item!r} must be a (pattern, scheme) pair of strings")
+    return tuple((p, s) for p, s in items)
+
+
+def _dtype_name(value: Any) -> str:
+    """"auto", or the name of a float dtype ("bfloat16"); accepts torch dtypes and "bf16"-style short names."""
+    text = str(value).removeprefix("torch.") if value is not None else AUTO_DTYPE
+    text = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}.get(
+        text, text)
+    if text != AUTO_DTYPE and text not in DTYPES:
+        raise OptionError(f"dtype must be one of auto, {', '.join(DTYPES)}; got {value!r}")
+    return text
+
+
+@dataclass(frozen=True, kw_only=True)
+class QuantRecipe:
+    """What to quantize and how. `observer=None` means the scheme's default: "mse" for fp8 schemes, "absmax" else.
+
+    `overrides` are (pattern, scheme-or-"none") pairs (a {pattern: scheme} dict or "PATTERN=SCHEME" strings are
+    accepted and normalized); `ignore` patterns keep modules in full precision. Patterns are exact module names or
+    "re:<regex>" (compressed-tensors/vLLM semantics), matched against checkpoint names. `sparsity="2:4"` adds 2:4 to
+    every scheme. `dtype` is the dtype of the tensors kept in full precision ("auto": the source's).
+    """
+
+    scheme: str = "w8a8-int8"
+    ignore: tuple[str, ...] = ()
+    overrides: tuple[tuple[str, str], ...] = ()
+    observer: str | None = None
+    sparsity: str | None = None
+    dtype: str = AUTO_DTYPE
+    schemes: dict[str, Scheme] = field(init=False, repr=False, compare=False)
+    default_scheme: str = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.scheme, str):
+            raise OptionError(f"scheme must be a scheme name such as 'w8a8-int8', got {self.scheme!r}")
+        if isinstance(self.ignore, str):
+            object.__setattr__(self, "ignore", (self.ignore,))
+        object.__setattr__(self, "ignore", tuple(self.ignore))
+        object.__setattr__(self, "overrides", _overrides(self.overrides))
+        object.__setattr__(self, "dtype", _dtype_name(self.dtype))
+        if self.sparsity not in (None, SPARSITY_2_4):
+            raise OptionError(f"sparsity must be '2:4', not {self.sparsity!r}")
+        if self.observer is not None and self.observer not in OBSERVERS:
+            raise OptionError(f"unknown observer {self.observer!r}; choose one of: {', '.join(OBSERVERS)}")
+        PatternSet(self.ignore, what="--ignore")  # each pattern valid, within the length and count limits
+        RuleSet(self.overrides, what="--override")
+        schemes: dict[str, Scheme] = {}
+        default, scheme = resolve_scheme_name(self.scheme, sparsity=self.sparsity)
+        schemes[default] = scheme
+        for _, target in self.overrides:
+            if target.strip().lower() != FULL_PRECISION:
+                name, sch = resolve_scheme_name(target, sparsity=self.sparsity)
+                schemes[name] = sch
+        object.__setattr__(self, "schemes", schemes)
+        object.__setattr__(self, "default_scheme", default)
+
+    def canonical_override(self, target: str) -> str:
+        """The scheme name an override's target resolves to, or "none"."""
+        if target.strip().lower() == FULL_PRECISION:
+            return FULL_PRECISION
+        return resolve_scheme_name(target, sparsity=self.sparsity)[0]
+
+    def observer_for(self, scheme: Scheme) -> str:
+        if self.observer is not None:
+            return self.observer
+        return "mse" if scheme.weights.type == "float" else "absmax"
+
+    def recipe(self) -> QuantRecipe:
+        """The recipe alone (a subclass's extra options dropped): what two quantizations must share to agree."""
+        return QuantRecipe(scheme=self.scheme, ignore=self.ignore, overrides=self.overrides, observer=self.observer,
+                           sparsity=self.sparsity, dtype=self.dtype)
+
+    def to_record(self) -> dict[str, Any]:
+        """The recipe as recorded in the checkpoint's provenance (`options`)."""
+        return {
+            "scheme": self.scheme,
+            "ignore": list(self.ignore),
+            "overrides": [f"{p}={s}" for p, s in self.overrides],
+            "observer": self.observer,
+            "sparsity": self.sparsity,
+            "dtype": self.dtype,
+        }
+
+    def command_args(self) -> list[str]:
+        """The recipe as `qformat convert` arguments."""
+        parts = ["--scheme", self.scheme]
+        for pattern in self.ignore:
+            parts += ["--ignore", pattern]
+        for pattern, target in self.overrides:
+            parts += ["--override", f"{pattern}={target}"]
+        if self.observer:
+            parts += ["--observer", self.observer]
+        if self.sparsity:
+            parts += ["--sparsity", self.sparsity]
+        if self.dtype != AUTO_DTYPE:
+            parts += ["--dtype", self.dtype]
+        return parts
+
+    def command(self, source_label: str) -> str:
+        """An equivalent `qformat convert` command line, with SOURCE shown as `source_label` and OUTPUT as "OUTPUT"."""
+        return " ".join(shlex.quote(p) for p in ["qformat", "convert", source_label, "OUTPUT", *self.command_args()])
