@@ -1,15 +1,25 @@
 """transformers integration: quant_method "qformat" for `from_pretrained` and `save_pretrained`.
 
-`register()` adds a `QuantizationConfigMixin` and an `HfQuantizer` to transformers' registries (idempotent); importing
-this module calls it. That happens when qformat is imported and transformers' registry is already loaded, or,
+`register()` adds `QFormatConfig` (qformat.loaders.config) and an `HfQuantizer` to transformers' registries
+(idempotent); importing this module calls it. That happens when qformat is imported and transformers' registry is already loaded, or,
 through the `qformat-autoload.pth` hook installed with the package, as soon as transformers imports its quantizer
 registry, so a user who never imports qformat still gets a correct model (see `_qformat_autoload`).
 
-Loading: before the weights load, every `nn.Linear` whose checkpoint stores quantized tensors is replaced (on the
-meta device) by a `QuantLinear` with parameters named and typed like those tensors, so transformers copies them in
-bit-exact and nothing is ever materialized in full precision. After loading, each module prepares its kernel for
-its device. `from_pretrained(..., quantization_config=QFormatQuantizationConfig(dequantize=True))` instead returns
-plain `nn.Linear` layers in the model's dtype and drops the quantization config.
+Loading a qformat checkpoint: before the weights load, every `nn.Linear` whose checkpoint stores quantized tensors
+is replaced (on the meta device) by a `QuantLinear` with parameters named and typed like those tensors, so
+transformers copies them in bit-exact and nothing is ever materialized in full precision. Checkpoint modules are
+found in the model through `qformat.models.NameMap`, transformers' own key renaming (Llava's `language_model.*`),
+the mapping the converter used. After loading, each module prepares its kernel for its device.
+`from_pretrained(..., quantization_config=QFormatConfig(dequantize=True))` instead returns plain `nn.Linear` layers
+in the model's dtype and drops the quantization config.
+
+Quantizing while loading (`quantization_config=QFormatConfig(scheme=...)` on a full-precision model): the model's
+structure and the checkpoint's tensors are planned with the converter's rules (`qformat.plan.plan_conversion` on
+`qformat.models.structure_of`); each planned `nn.Linear` becomes a `QuantLinear` on meta, and each weight is
+quantized by `quantize_weight` the moment transformers reads it, on the device it is loaded to, from the stored
+values (the weight is read in float32 whatever `dtype` the model loads in), so the tensors equal what
+`qformat convert` writes. After loading, the config becomes the checkpoint's block a conversion would have written,
+so `save_pretrained` writes a qformat checkpoint.
 
 Checks: a checkpoint is untrusted input, and transformers would silently cast a tensor of the wrong dtype into a
 parameter, leave a missing one uninitialized, or load quantized tensors into a plain layer. So the loader refuses,
@@ -41,17 +51,25 @@ from transformers.quantizers.auto import (
     register_quantization_config,
     register_quantizer,
 )
+from transformers.core_model_loading import ConversionOps
 from transformers.quantizers.base import HfQuantizer
-from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from qformat.errors import FormatError
+from qformat.errors import FormatError, OptionError, SourceError, UnsupportedModelError
 from qformat.io.safetensors_format import HeaderEntry, read_header
+from qformat.loaders.config import QFormatConfig
+from qformat.loaders.on_load import OnLoadQuantization
+from qformat.models.names import NameMap
 from qformat.nn.linear import QuantLinear
-from qformat.spec.config import QUANT_METHOD, CheckpointConfig
+from qformat.nn.swap import replace_module
+from qformat.plan.recipe import AUTO_DTYPE
+from qformat.spec.config import QUANT_METHOD
 from qformat.spec.layout import WEIGHT_SUFFIXES, TensorSpec, module_tensors, shape_problem, stored_tensors_problem
 from qformat.spec.schemes import Scheme
 
-__all__ = ["QFormatHfQuantizer", "QFormatQuantizationConfig", "register"]
+__all__ = ["QFormatConfig", "QFormatHfQuantizer", "QFormatQuantizationConfig", "register", "saved_tensor_hashes"]
+
+#: The name this class had before it also took quantization requests (kept so existing code keeps working).
+QFormatQuantizationConfig = QFormatConfig
 
 logger = logging.getLogger(__name__)
 
@@ -66,42 +84,6 @@ _QUANTIZED_SUFFIXES = frozenset(WEIGHT_SUFFIXES) - {"weight", "shape"}
 #: What a user can do about a checkpoint the loader refuses.
 _ADVICE = ("the checkpoint is damaged or was modified: re-download or re-convert it "
            "(`qformat verify` names every problem)")
-
-
-class QFormatQuantizationConfig(QuantizationConfigMixin):
-    """config.json's `quantization_config` for quant_method "qformat", as transformers handles it.
-
-    It keeps the checkpoint's block verbatim (so `save_pretrained` writes it back unchanged) and validates it with
-    `qformat.spec.CheckpointConfig` (an unknown format version fails here, with an upgrade hint). `dequantize=True` is a
-    loading option: pass `QFormatQuantizationConfig(dequantize=True)` to `from_pretrained` for a plain model.
-    """
-
-    def __init__(self, dequantize: bool = False, **data: Any) -> None:
-        self.quant_method = QUANT_METHOD
-        self.dequantize = dequantize
-        data.pop("quant_method", None)
-        self._data = data
-        self._spec = CheckpointConfig.from_dict({"quant_method": QUANT_METHOD, **data}) if data else None
-
-    @property
-    def spec(self) -> CheckpointConfig:
-        if self._spec is None:
-            raise FormatError("this QFormatQuantizationConfig holds only loading options, not a checkpoint's config")
-        return self._spec
-
-    def get_loading_attributes(self) -> dict[str, Any]:
-        return {"dequantize": self.dequantize}
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"quant_method": QUANT_METHOD, **copy.deepcopy(self._data)}
-
-    def __iter__(self):
-        yield from self.to_dict().items()
-
-    def set_tensor_hashes(self, hashes: dict[str, str]) -> None:
-        provenance = dict(self._data.get("provenance") or {})
-        provenance["tensor_hashes"] = dict(sorted(hashes.items()))
-        self._data["provenance"] = provenance
 
 
 def _stored_tensors(checkpoint_files: list[str] | None) -> dict[str, HeaderEntry] | None:
@@ -176,13 +158,8 @@ def _check_scheme_fits(stored: dict[str, HeaderEntry], module: str, scheme_name:
                                                                      linear.in_features))
 
 
-def _model_module(module: str, model_modules: set[str], prefix: str) -> str | None:
-    """The model's module that checkpoint module `module` would load into, or None if the model has none."""
-    return next((c for c in _prefix_variants(module, prefix) if c in model_modules), None)
-
-
 def _check_nothing_quantized_elsewhere(stored: dict[str, HeaderEntry], quantized: set[str], model: nn.Module,
-                                       prefix: str) -> None:
+                                       names: NameMap) -> None:
     """No quantized tensor belongs to a module of the model that is not a `QuantLinear` (it would be cast into a
     float parameter, or its scale ignored). Tensors of modules this model lacks are dropped by transformers."""
     model_modules = {name for name, _ in model.named_modules()}
@@ -190,8 +167,8 @@ def _check_nothing_quantized_elsewhere(stored: dict[str, HeaderEntry], quantized
         module = name.rpartition(".")[0]
         if module in quantized or not _is_quantized(name, entry):
             continue
-        target = _model_module(module, model_modules, prefix)
-        if target is not None:
+        target = names.module(module) if module else ""
+        if target in model_modules:
             kind = type(model.get_submodule(target)).__name__
             raise _fail(name, f"is quantized data ({entry.dtype}), but the model loads {module or 'its root'} ({kind}) "
                               "in full precision: the config keeps it out of quantization, or it is not a Linear layer")
@@ -207,25 +184,6 @@ def _check_values(model: nn.Module, checkpoint_names: dict[str, str]) -> None:
                 raise _fail(f"{checkpoint_names.get(name, name)}.{tensor}", what)
 
 
-def _prefix_variants(name: str, prefix: str) -> tuple[str, ...]:
-    """`name` as is, with `base_model_prefix` added and with it dropped: the names the same module may have on the
-    other side (checkpoint or model)."""
-    return (name, f"{prefix}.{name}", name.removeprefix(f"{prefix}.")) if prefix else (name,)
-
-
-def _checkpoint_name(name: str, known: set[str] | None, prefix: str) -> str | None:
-    """The checkpoint's name for model module `name` (the model may add or drop `base_model_prefix`)."""
-    if known is None:
-        return name
-    return next((c for c in _prefix_variants(name, prefix) if c in known), None)
-
-
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
-
-
 def _dequantize_modules(model: nn.Module, dtype: torch.dtype | None) -> nn.Module:
     for name, module in list(model.named_modules()):
         if isinstance(module, QuantLinear):
@@ -236,7 +194,7 @@ def _dequantize_modules(model: nn.Module, dtype: torch.dtype | None) -> nn.Modul
                 linear.weight.copy_(module.dequantized_weight(torch.float32))
                 if module.bias is not None:
                     linear.bias.copy_(module.bias)
-            _replace(model, name, linear)
+            replace_module(model, name, linear)
     return model
 
 
@@ -246,52 +204,122 @@ def _tensor_hash(tensor: torch.Tensor) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
+def saved_tensor_hashes(model: nn.Module) -> dict[str, str]:
+    """Content hashes of the tensors `save_pretrained` writes for `model`, by checkpoint name (tied copies dropped,
+    transformers' key conversions reverted)."""
+    from transformers.modeling_utils import remove_tied_weights_from_state_dict
+
+    state = remove_tied_weights_from_state_dict(model.state_dict(), model)
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+
+        state = revert_weight_conversion(model, state)
+    except (ImportError, AttributeError):  # older transformers: no key conversions to revert
+        pass
+    return {name: _tensor_hash(t) for name, t in state.items()}
+
+
+class _QuantizeOnLoad(ConversionOps):
+    """transformers' per-parameter quantize op: the weight of a planned module, as read from the checkpoint, becomes
+    the tensors its `QuantLinear` stores (`qformat.quantize.stored.stored_tensors`)."""
+
+    def __init__(self, quantizer: QFormatHfQuantizer) -> None:
+        self.quantizer = quantizer
+
+    def convert(self, input_dict: dict[str, Any], full_layer_name: str | None = None, model: nn.Module | None = None,
+                missing_keys: set[str] | None = None, **kwargs: Any) -> dict[str, torch.Tensor]:
+        (key, value), = input_dict.items()
+        tensor = value[0] if isinstance(value, list) else value
+        return self.quantizer._quantize_loaded(key, tensor, model, missing_keys)
+
+
 class QFormatHfQuantizer(HfQuantizer):
-    """Loads qformat checkpoints into kernel-backed `QuantLinear` modules (pre-quantized checkpoints only)."""
+    """Loads qformat checkpoints into kernel-backed `QuantLinear` modules, and quantizes full-precision models while
+    they load (see the module docstring)."""
 
-    requires_calibration = True
+    requires_calibration = False
 
-    def __init__(self, quantization_config: QFormatQuantizationConfig, **kwargs: Any) -> None:
+    def __init__(self, quantization_config: QFormatConfig, **kwargs: Any) -> None:
         super().__init__(quantization_config, **kwargs)
         self._checkpoint_names: dict[str, str] = {}  # model module -> checkpoint module, for error messages
+        self._on_load: OnLoadQuantization | None = None
 
     def validate_environment(self, *args: Any, **kwargs: Any) -> None:
-        self.quantization_config.spec  # noqa: B018 - raises a clear error for a config without checkpoint data
+        config = self.quantization_config
+        if self.pre_quantized:
+            config.checkpoint  # noqa: B018 - raises a clear error for a config without checkpoint data
+        elif config.recipe is None:
+            raise OptionError("QFormatConfig(dequantize=True) loads a qformat checkpoint in full precision, and this "
+                              "model is not one; pass QFormatConfig(scheme=...) to quantize it")
+
+    def update_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """`QFormatConfig(dtype=...)`, where given, is the dtype of the tensors kept in full precision."""
+        recipe = None if self.pre_quantized else self.quantization_config.recipe
+        if recipe is not None and recipe.dtype != AUTO_DTYPE:
+            return getattr(torch, recipe.dtype)
+        return dtype
 
     def update_attn_implementation(self, config):
         """transformers' last quantizer hook before it builds the model (recent versions; older ones never call
         it): refuse a config.json that asks for more layers than a local checkpoint's weights hold, before building
         100,000 layers takes minutes and gigabytes (the rule `qformat verify` applies)."""
-        _check_layer_counts_before_building(config)
+        if self.pre_quantized:
+            _check_layer_counts_before_building(config)
         parent = getattr(super(), "update_attn_implementation", None)
         return parent(config) if parent is not None else config
 
+    # -- before the weights load ----------------------------------------------------------------------------------
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs: Any):
-        spec = self.quantization_config.spec
+        if not self.pre_quantized:
+            self._on_load = OnLoadQuantization.prepare(model, self.quantization_config.recipe, checkpoint_files)
+            return model
+        spec = self.quantization_config.checkpoint
         stored = _stored_tensors(checkpoint_files)
-        known = None if stored is None else _quantized_modules(stored)
-        prefix = getattr(model, "base_model_prefix", "") or ""
+        names = NameMap(model)
+        if stored is None:  # no files to read (a state dict was passed): the model's names are the checkpoint's
+            candidates = {n: n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+        else:
+            candidates = {ckpt: names.module(ckpt) for ckpt in sorted(_quantized_modules(stored))}
+        linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
         self._checkpoint_names = {}
-        for name, module in list(model.named_modules()):
-            if not isinstance(module, nn.Linear):
-                continue
-            ckpt_name = _checkpoint_name(name, known, prefix)
-            resolved = spec.scheme_for(ckpt_name) if ckpt_name is not None else None
+        for ckpt_name, path in candidates.items():
+            module = linears.get(path)
+            resolved = spec.scheme_for(ckpt_name) if module is not None else None
             if resolved is None:
-                continue  # kept in full precision (fallback list), or not a module of this checkpoint
+                continue  # kept in full precision, or not a Linear of this model: the check below refuses its data
             scheme_name, scheme = resolved
             if stored is not None and _CHECKS:
                 _check_scheme_fits(stored, ckpt_name, scheme_name, scheme, module)
-            _replace(model, name, QuantLinear(module.in_features, module.out_features, scheme,
+            replace_module(model, path, QuantLinear(module.in_features, module.out_features, scheme,
                                               bias=module.bias is not None, dtype=module.weight.dtype,
                                               device=module.weight.device, scheme_name=scheme_name))
-            self._checkpoint_names[name] = ckpt_name
+            self._checkpoint_names[path] = ckpt_name
         if stored is not None and _CHECKS:
-            _check_nothing_quantized_elsewhere(stored, set(self._checkpoint_names.values()), model, prefix)
+            _check_nothing_quantized_elsewhere(stored, set(self._checkpoint_names.values()), model, names)
         return model
 
+    # -- while the weights load (quantizing on load only) ---------------------------------------------------------
+    def param_needs_quantization(self, model, param_name: str, **kwargs: Any) -> bool:
+        return self._on_load is not None and param_name in self._on_load.pending
+
+    def get_quantize_ops(self) -> ConversionOps:
+        return _QuantizeOnLoad(self)
+
+    def _quantize_loaded(self, key: str, tensor: torch.Tensor, model: nn.Module,
+                         missing_keys: set[str] | None) -> dict[str, torch.Tensor]:
+        assert self._on_load is not None
+        return self._on_load.quantize(key, tensor, model, missing_keys)
+
+    # -- after ----------------------------------------------------------------------------------------------------
     def _process_model_after_weight_loading(self, model, **kwargs: Any):
-        if _CHECKS:
+        if self._on_load is not None:
+            config = self._on_load.finish(model)
+            self._checkpoint_names = self._on_load.checkpoint_names
+            self._on_load = None
+            self.quantization_config = config
+            model.config.quantization_config = config
+            self.pre_quantized = True  # the model now holds a qformat checkpoint's tensors: saved as one
+        elif _CHECKS:
             _check_values(model, self._checkpoint_names)
         if self.quantization_config.dequantize:
             return _dequantize_modules(model, getattr(model.config, "dtype", None))
@@ -305,16 +333,7 @@ class QFormatHfQuantizer(HfQuantizer):
 
     def get_state_dict_and_metadata(self, model):
         """Record the content hashes of exactly what `save_pretrained` is about to write."""
-        from transformers.modeling_utils import remove_tied_weights_from_state_dict
-
-        state = remove_tied_weights_from_state_dict(model.state_dict(), model)
-        try:
-            from transformers.core_model_loading import revert_weight_conversion
-
-            state = revert_weight_conversion(model, state)
-        except (ImportError, AttributeError):  # older transformers: no key conversions to revert
-            pass
-        self.quantization_config.set_tensor_hashes({name: _tensor_hash(t) for name, t in state.items()})
+        self.quantization_config.set_tensor_hashes(saved_tensor_hashes(model))
         return None, {}
 
     def is_serializable(self, *args: Any, **kwargs: Any) -> bool:

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from qformat.errors import OptionError
 from qformat.kernels.fp8 import Fp8Linear
 from qformat.kernels.int8_dynamic import Int8Dynamic
 from qformat.kernels.int8_weight_only import Int8WeightOnly
@@ -27,6 +28,7 @@ from qformat.kernels.sparse24 import dense_from_2_4, semi_structured_int8
 from qformat.quantize.dequant import dequantize_dense
 from qformat.quantize.observers import SCALE_PROBLEM, fp8_has_nan, scales_valid
 from qformat.quantize.sparse24 import BITMASK_NOT_2_4, bitmask_ok, bitmask_problem
+from qformat.quantize.stored import sparse_shape, stored_tensors
 from qformat.quantize.weights import VALUE_DTYPES, quantize_weight
 from qformat.spec.schemes import Scheme
 
@@ -58,7 +60,7 @@ class QuantLinear(nn.Module):
         else:
             self.compressed = _frozen(torch.empty(out_features, in_features // 2, dtype=value, device=device))
             self.bitmask = _frozen(torch.empty(out_features, -(-in_features // 8), dtype=torch.uint8, device=device))
-            self.shape = _frozen(torch.tensor([[out_features], [in_features]], dtype=torch.int64, device=device))
+            self.shape = _frozen(sparse_shape(out_features, in_features, device))
         self.weight_scale = _frozen(torch.empty(out_features, 1, dtype=torch.float32, device=device))
         if scheme.has_static_input_scale:
             self.input_scale = _frozen(torch.empty(1, dtype=torch.float32, device=device))
@@ -70,27 +72,33 @@ class QuantLinear(nn.Module):
             self.register_parameter("bias", None)
         self._op: Any = None
 
-    # -- construction from a float layer (tests, on-the-fly use) ---------------------------------------------------
+    # -- construction from a float layer or from stored tensors ---------------------------------------------------
     @classmethod
     def from_float(cls, linear: nn.Linear, scheme: Scheme, *, observer: str = "absmax", scheme_name: str = "",
                    input_scale: float | None = None) -> QuantLinear:
-        """Quantize `linear`'s weight with the converter's arithmetic (`input_scale` for static-activation schemes)."""
+        """Quantize `linear`'s weight with the converter's arithmetic (`input_scale` for static-activation schemes),
+        on its device."""
         q = quantize_weight(linear.weight.detach(), scheme, observer=observer)
-        module = cls(linear.in_features, linear.out_features, scheme, bias=linear.bias is not None,
-                     dtype=linear.weight.dtype, device=linear.weight.device, scheme_name=scheme_name)
-        with torch.no_grad():
-            if q.bitmask is None:
-                module.weight.copy_(q.values)
-            else:
-                module.compressed.copy_(q.values)
-                module.bitmask.copy_(q.bitmask)
-            module.weight_scale.copy_(q.scales)
-            if module.input_scale is not None:
-                if input_scale is None:
-                    raise ValueError("this scheme has static activation scales: pass input_scale")
-                module.input_scale.fill_(input_scale)
-            if linear.bias is not None:
-                module.bias.copy_(linear.bias.detach())
+        stored = stored_tensors(q, linear.out_features, linear.in_features)
+        if scheme.has_static_input_scale:
+            if input_scale is None:
+                raise OptionError("this scheme has static activation scales: pass input_scale")
+            stored["input_scale"] = torch.tensor([input_scale], dtype=torch.float32, device=linear.weight.device)
+        return cls.from_stored(stored, scheme, bias=linear.bias, scheme_name=scheme_name)
+
+    @classmethod
+    def from_stored(cls, stored: dict[str, torch.Tensor], scheme: Scheme, *, bias: torch.Tensor | None,
+                    scheme_name: str = "") -> QuantLinear:
+        """A module holding `stored` (suffix -> tensor, as `qformat.quantize.stored.stored_tensors` builds them, on
+        one device) without copying them; `bias` is kept in its own dtype."""
+        scale = stored["weight_scale"]
+        out_features = scale.shape[0]
+        in_features = stored["weight"].shape[1] if "weight" in stored else int(stored["shape"].reshape(-1)[1])
+        module = cls(in_features, out_features, scheme, bias=bias is not None, device="meta", scheme_name=scheme_name)
+        for name, tensor in stored.items():
+            module._parameters[name] = _frozen(tensor)
+        if bias is not None:
+            module.bias = nn.Parameter(bias.detach(), requires_grad=False)
         return module
 
     # -- what the stored tensors mean --------------------------------------------------------------------------

@@ -5,6 +5,7 @@ The rules live here once and are used by the streaming converter, the in-memory 
 """
 
 from qformat.plan.recipe import AUTO_DTYPE, DTYPES, FULL_PRECISION, QuantRecipe, parse_override
+from qformat.plan.record import checkpoint_block
 from qformat.plan.rules import ConversionPlan, ModuleDecision, plan_conversion
 
 __all__ = [
@@ -14,6 +15,7 @@ __all__ = [
     "ConversionPlan",
     "ModuleDecision",
     "QuantRecipe",
+    "checkpoint_block",
     "parse_override",
     "plan_conversion",
 ]

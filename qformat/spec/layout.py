@@ -16,6 +16,7 @@ from qformat.spec.schemes import Scheme
 __all__ = [
     "DTYPE_SIZES",
     "FULL_PRECISION_DTYPES",
+    "QUANTIZABLE_DTYPES",
     "SCALE_DTYPE",
     "StoredTensor",
     "WEIGHT_SUFFIXES",
@@ -39,6 +40,9 @@ DTYPE_SIZES: dict[str, int] = {
 
 #: The dtypes of full-precision tensors: what a fallback module's weight and every other float parameter is stored as.
 FULL_PRECISION_DTYPES = frozenset({"F16", "BF16", "F32", "F64"})
+#: The stored dtypes a source weight may have to be quantized: any float (an fp8 source is re-quantized from its
+#: values).
+QUANTIZABLE_DTYPES = FULL_PRECISION_DTYPES | {"F8_E4M3", "F8_E5M2"}
 
 #: Every tensor-name suffix a quantized module may have (relative to the module name).
 WEIGHT_SUFFIXES = ("weight", "weight_scale", "input_scale", "compressed", "bitmask", "shape")

@@ -1,0 +1,64 @@
+"""What an in-memory quantization records: the source's identity and the finished checkpoint config.
+
+`from_pretrained(..., quantization_config=QFormatConfig(...))` and `qformat.quantize_` end with a model whose
+`config.quantization_config` is the block `qformat convert` would have written for the same source and recipe
+(`qformat.plan.checkpoint_block`), so `save_pretrained` and `push_to_hub` write a qformat checkpoint.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from qformat.io.source import SourceCheckpoint
+from qformat.loaders.config import QFormatConfig
+from qformat.plan.record import ModuleError, checkpoint_block
+from qformat.plan.recipe import QuantRecipe
+from qformat.plan.rules import ConversionPlan
+
+__all__ = ["finished_config", "source_record"]
+
+
+def _hub_identity(model: nn.Module) -> tuple[str | None, str | None]:
+    """(repo id, revision) when the model was loaded from the Hub (its name is not a local folder), else Nones."""
+    config = getattr(model, "config", None)
+    name = str(getattr(config, "_name_or_path", "") or "")
+    if not name or Path(name).exists():
+        return None, None
+    return name, getattr(config, "_commit_hash", None)
+
+
+def source_record(model: nn.Module, checkpoint: SourceCheckpoint | None = None) -> dict[str, Any]:
+    """`provenance.source` for a model quantized in memory: its Hub repo and revision (None for a local folder or a
+    model built in code), and the size of what was quantized (the checkpoint read, else the model's tensors)."""
+    repo_id, revision = _hub_identity(model)
+    if checkpoint is not None:
+        fmt, parameters, nbytes = checkpoint.format, checkpoint.numel, checkpoint.nbytes
+    else:
+        tensors = list(model.state_dict().values())
+        fmt = None
+        parameters = sum(t.numel() for t in tensors)
+        nbytes = sum(t.numel() * t.element_size() for t in tensors)
+    return {"repo_id": repo_id, "revision": revision, "base_model": repo_id, "format": fmt,
+            "parameters": parameters, "bytes": nbytes, "skipped_weight_files": []}
+
+
+def _saved_bytes(model: nn.Module) -> int:
+    """Bytes of the tensors `save_pretrained` writes (tied copies once)."""
+    from transformers.modeling_utils import remove_tied_weights_from_state_dict
+
+    state = remove_tied_weights_from_state_dict(model.state_dict(), model)
+    return sum(t.numel() * t.element_size() for t in state.values() if isinstance(t, torch.Tensor))
+
+
+def finished_config(model: nn.Module, plan: ConversionPlan, recipe: QuantRecipe, source: dict[str, Any],
+                    errors: dict[str, ModuleError]) -> QFormatConfig:
+    """The checkpoint config of `model` after `plan` was applied: the rules, provenance (source, recipe, equivalent
+    command; tensor hashes are filled in when it is saved) and statistics."""
+    label = source.get("repo_id") or "SOURCE"
+    block = checkpoint_block(plan, recipe, source=source, command=recipe.command(label), errors=errors,
+                             checkpoint_bytes=_saved_bytes(model))
+    return QFormatConfig.from_checkpoint(block)
