@@ -35,6 +35,7 @@ __all__ = [
     "NonFiniteWeightError",
     "OptionError",
     "OutputError",
+    "QFormatConfig",
     "QFormatError",
     "SourceError",
     "UnsupportedFormatVersionError",
@@ -46,6 +47,7 @@ __all__ = [
     "import_compressed_tensors",
     "inspect",
     "push",
+    "quantize_",
     "verify",
 ]
 
@@ -67,6 +69,14 @@ def __getattr__(name: str):  # lazy: keep `import qformat` free of torch until a
         from qformat.hub import push
 
         return push
+    if name == "QFormatConfig":  # imports transformers: the class is transformers' quantization_config type
+        from qformat.loaders.config import QFormatConfig
+
+        return QFormatConfig
+    if name == "quantize_":
+        from qformat.loaders.inplace import quantize_
+
+        return quantize_
     if name == "verify":
         from qformat.checkpoint import verify
 

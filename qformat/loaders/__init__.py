@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["register"]
+__all__ = ["QFormatConfig", "QuantizeResult", "quantize_", "register"]
 
 
 def register() -> None:
@@ -10,3 +10,15 @@ def register() -> None:
     from qformat.loaders.transformers import register as _register
 
     _register()
+
+
+def __getattr__(name: str):  # lazy: these import transformers
+    if name == "QFormatConfig":
+        from qformat.loaders.config import QFormatConfig
+
+        return QFormatConfig
+    if name in ("quantize_", "QuantizeResult"):
+        import qformat.loaders.inplace as inplace
+
+        return getattr(inplace, name)
+    raise AttributeError(f"module 'qformat.loaders' has no attribute {name!r}")

@@ -1,0 +1,118 @@
+"""`qformat.quantize_(model, config)`: quantize an already loaded transformers model in place, on its device.
+
+The same plan as `qformat convert` (`qformat.models.structure_of` on the live model, whose checkpoint names are
+what `save_pretrained` would write, then `qformat.plan.plan_conversion`) and the same weight math
+(`quantize_weight`, on the weight's device: CPU or CUDA). Each planned `nn.Linear` is replaced by a `QuantLinear`
+holding the quantized tensors, one at a time, so memory peaks at the model plus one module's outputs. The model then
+carries the checkpoint config a conversion would have written and saves as a qformat checkpoint.
+
+This is the path later work builds on (fallback search, outlier handling, quantization-aware training): it takes a
+model, not a folder, and returns what it kept and why.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from qformat.errors import OptionError
+from qformat.loaders.config import QFormatConfig
+from qformat.loaders.record import finished_config, source_record
+from qformat.models.structure import structure_of
+from qformat.nn.linear import QuantLinear
+from qformat.nn.swap import replace_module
+from qformat.plan.record import WeightError
+from qformat.plan.recipe import AUTO_DTYPE, QuantRecipe
+from qformat.plan.rules import plan_conversion
+from qformat.quantize.stored import stored_tensors
+from qformat.quantize.weights import quantize_weight
+from qformat.spec.config import QUANT_METHOD, FallbackEntry
+
+__all__ = ["QuantizeResult", "quantize_"]
+
+
+@dataclass(frozen=True)
+class QuantizeResult:
+    """What `quantize_` did: the quantized modules (checkpoint name -> scheme name), the modules kept in full
+    precision with their reasons, and the model's new checkpoint config."""
+
+    quantized: dict[str, str]
+    fallback: tuple[FallbackEntry, ...]
+    config: QFormatConfig
+
+
+def _recipe(config: QFormatConfig | QuantRecipe | None, kwargs: dict[str, Any]) -> QuantRecipe:
+    if isinstance(config, QuantRecipe):
+        if kwargs:
+            raise OptionError("pass either a config or keyword options to quantize_, not both")
+        return config
+    if config is None:
+        config = QFormatConfig(**kwargs)
+    elif kwargs:
+        raise OptionError("pass either a config or keyword options to quantize_, not both")
+    if not isinstance(config, QFormatConfig) or config.is_checkpoint or config.recipe is None:
+        raise OptionError("quantize_ takes a QFormatConfig(scheme=...) request (or keyword options such as "
+                          "scheme='w8a8-int8')")
+    return config.recipe
+
+
+def _refuse_quantized(model: nn.Module) -> None:
+    method = getattr(getattr(model, "config", None), "quantization_config", None)
+    if method is not None or any(isinstance(m, QuantLinear) for m in model.modules()):
+        quant_method = getattr(method, "quant_method", None) or (method or {}).get("quant_method", "qformat") \
+            if isinstance(method, dict) or method is not None else "qformat"
+        raise OptionError(f"this model is already quantized (quant_method {quant_method!r}); quantize_ takes a "
+                          "full-precision model: load the original weights")
+
+
+def _attach(model: nn.Module, config: QFormatConfig) -> None:
+    """Make transformers treat the model as a loaded qformat checkpoint (save_pretrained, push_to_hub)."""
+    from transformers.quantizers.base import _assign_is_quantized
+
+    from qformat.loaders.transformers import QFormatHfQuantizer
+
+    model.hf_quantizer = QFormatHfQuantizer(config, pre_quantized=True)
+    model.config.quantization_config = config
+    model.is_quantized = True
+    model.quantization_method = QUANT_METHOD
+    _assign_is_quantized(model)
+
+
+@torch.no_grad()
+def quantize_(model: nn.Module, config: QFormatConfig | QuantRecipe | None = None, /,
+              **options: Any) -> QuantizeResult:
+    """Quantize a loaded transformers `model` in place with qformat's rules; return what was quantized and kept.
+
+    `config` is a `QFormatConfig(scheme=..., ignore=..., overrides=..., observer=..., sparsity=..., dtype=...)`, or
+    give those as keywords: `qformat.quantize_(model, scheme="fp8-dynamic")`. Each quantized tensor equals what
+    `qformat convert` writes when the model holds the checkpoint's values (loaded in its stored dtype, or in a wider
+    one). `dtype` other than "auto" casts the tensors kept in full precision afterwards.
+
+    Raises:
+        OptionError: a bad option, or a model that is already quantized.
+        QFormatError: a model qformat cannot quantize (e.g. fused MoE experts), or NaN/Inf in a weight.
+    """
+    recipe = _recipe(config, options)
+    _refuse_quantized(model)
+    structure = structure_of(model)
+    plan = plan_conversion(structure, recipe)
+    errors: dict[str, WeightError] = {}
+    for decision in plan.quantized:
+        module = decision.module
+        assert decision.scheme is not None and decision.observer is not None
+        linear = model.get_submodule(module.module_path)
+        q = quantize_weight(linear.weight.detach(), decision.scheme, observer=decision.observer,
+                            name=module.weight_key or f"{module.name}.weight")
+        errors[module.name] = WeightError.of(q)
+        quantized = QuantLinear.from_stored(stored_tensors(q, module.out_features, module.in_features),
+                                            decision.scheme, bias=linear.bias, scheme_name=decision.scheme_name or "")
+        replace_module(model, module.module_path, quantized.prepare())
+        del q, linear
+    if recipe.dtype != AUTO_DTYPE:
+        model.to(getattr(torch, recipe.dtype))
+    result = finished_config(model, plan, recipe, source_record(model), errors)
+    _attach(model, result)
+    return QuantizeResult({d.module.name: d.scheme_name or "" for d in plan.quantized}, plan.fallback, result)
