@@ -1,9 +1,13 @@
 """Tiny random transformers models built from config, saved as real Hugging Face folders, for tests and examples.
 
 They cover the architectures qformat's users start from: Llama (decoder LLMs), OPT (the LLM.int8 paper's model),
-BART (Intel's int8 BART) and XLM-R (the SDQ paper's model). Dimensions are multiples of 16 so every Linear is
-quantizable, except where a test needs otherwise: XLM-R's 3-label classifier head is deliberately too narrow
-(a `shape` fallback). Weights are random with a fixed seed; they test plumbing, not accuracy.
+BART (Intel's int8 BART) and XLM-R (the SDQ paper's model); and the layouts that trip name handling: Llava (a vision
+tower, a projector and a Llama whose checkpoint names transformers renames on load: `language_model.model.*` is
+stored, `model.language_model.*` is built), GPT-NeoX (the head is stored as `embed_out`, built as `lm_head`), Qwen2
+(tied head, vocabulary 16x the hidden size, q/k/v biases) and Gemma3 text (tied head, embeddings scaled by
+sqrt(hidden)). Dimensions are multiples of 16 so every Linear is quantizable, except where a test needs otherwise:
+XLM-R's 3-label classifier head is deliberately too narrow (a `shape` fallback). Weights are random with a fixed
+seed; they test plumbing, not accuracy.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 __all__ = ["TINY_ARCHITECTURES", "build_tiny_model", "save_random_llama", "save_tiny_model"]
 
@@ -50,12 +55,91 @@ def _xlm_roberta():
         max_position_embeddings=130, num_labels=3))
 
 
+def _llava():
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    # 32x32 images in 16x16 patches: 4 image tokens (the CLS position is dropped). vision_feature_layer=-1 so that
+    # both vision layers feed the logits; token 255 (the last of the vocabulary) stands for an image patch.
+    vision = CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                              image_size=32, patch_size=16, projection_dim=64)
+    text = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=256, max_position_embeddings=128, tie_word_embeddings=False)
+    return LlavaForConditionalGeneration(LlavaConfig(
+        vision_config=vision, text_config=text, image_token_index=255, image_seq_length=4, vision_feature_layer=-1,
+        projector_hidden_act="gelu", tie_word_embeddings=False))
+
+
+def _gpt_neox():
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    # Untied head, stored as `embed_out` (transformers 5.24 builds it as `lm_head`); fused query_key_value.
+    return GPTNeoXForCausalLM(GPTNeoXConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=256,
+        max_position_embeddings=128, tie_word_embeddings=False))
+
+
+def _qwen2():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    # Qwen2 always has q/k/v biases; the tied head is far wider than hidden (Qwen2-0.5B: 151936 x 896).
+    return Qwen2ForCausalLM(Qwen2Config(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=1024, max_position_embeddings=128, tie_word_embeddings=True))
+
+
+def _gemma3():
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    # model_type gemma3_text; one sliding and one full attention layer, as Gemma3 interleaves them.
+    return Gemma3ForCausalLM(Gemma3TextConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, query_pre_attn_scalar=16, vocab_size=512, max_position_embeddings=128, sliding_window=16,
+        layer_types=["sliding_attention", "full_attention"], tie_word_embeddings=True))
+
+
 TINY_ARCHITECTURES: dict[str, Callable[[], torch.nn.Module]] = {
     "llama": _llama,
     "opt": _opt,
     "bart": _bart,
     "xlm-roberta": _xlm_roberta,
+    "llava": _llava,
+    "gpt-neox": _gpt_neox,
+    "qwen2": _qwen2,
+    "gemma3": _gemma3,
 }
+
+#: Model-side prefix -> the prefix older Llava repos (llava-hf/*) store; transformers renames them back on load.
+_LLAVA_LEGACY_PREFIXES = (
+    ("model.language_model.", "language_model.model."),
+    ("lm_head.", "language_model.lm_head."),
+    ("model.vision_tower.", "vision_tower."),
+    ("model.multi_modal_projector.", "multi_modal_projector."),
+)
+
+
+def _legacy_llava_name(name: str) -> str:
+    for model_prefix, stored_prefix in _LLAVA_LEGACY_PREFIXES:
+        if name.startswith(model_prefix):
+            return stored_prefix + name[len(model_prefix):]
+    return name
+
+
+def _write_legacy_llava_keys(folder: Path) -> None:
+    """Rewrite a saved Llava's tensor names into the legacy layout if transformers wrote the model's own names.
+
+    transformers 5.24 already saves the legacy names (it reverses its load-time renaming); this keeps the fixture
+    a renamed-keys checkpoint with any transformers version. Tensors and their bytes are unchanged.
+    """
+    for path in sorted(folder.glob("*.safetensors")):
+        tensors = load_file(path)
+        if all(_legacy_llava_name(name) == name for name in tensors):
+            continue
+        save_file({_legacy_llava_name(name): t for name, t in tensors.items()}, path, metadata={"format": "pt"})
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        data = json.loads(index.read_text())
+        data["weight_map"] = {_legacy_llava_name(k): v for k, v in data["weight_map"].items()}
+        index.write_text(json.dumps(data, indent=2) + "\n")
 
 
 def build_tiny_model(arch: str, *, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
@@ -69,6 +153,8 @@ def save_tiny_model(arch: str, folder: Path, *, seed: int = 0, dtype: torch.dtyp
     """Save a tiny model plus the kinds of non-weight files real repos carry, and return `folder`."""
     model = build_tiny_model(arch, seed=seed, dtype=dtype)
     model.save_pretrained(folder)
+    if arch == "llava":
+        _write_legacy_llava_keys(folder)
     (folder / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 128}) + "\n")
     (folder / "special_tokens_map.json").write_text(json.dumps({"pad_token": "<pad>"}) + "\n")
     return folder

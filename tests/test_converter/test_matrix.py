@@ -16,7 +16,7 @@ from qformat.spec import CheckpointConfig, quantized_nbytes
 from qformat.testing import spec_error_bound
 
 SCHEMES = ["w8a16-int8", "w8a8-int8", "fp8-dynamic", "fp8-weight-only"]
-ARCHS = ["llama", "opt", "bart", "xlm-roberta"]
+ARCHS = ["llama", "opt", "bart", "xlm-roberta", "llava", "gpt-neox", "qwen2", "gemma3"]
 
 #: Hand-written: (module, reason) kept in full precision by default, per architecture.
 DEFAULT_FALLBACK = {
@@ -24,8 +24,16 @@ DEFAULT_FALLBACK = {
     "opt": {("lm_head", "default")},  # tied to the input embeddings: never quantized
     "bart": {("lm_head", "default")},  # tied to model.shared
     "xlm-roberta": {("classifier.out_proj", "shape")},  # 3 labels: out_features=3 is no multiple of 16
+    # Names are the checkpoint's: Llava stores its head as language_model.lm_head (built as lm_head) ...
+    "llava": {("language_model.lm_head", "default")},
+    "gpt-neox": {("embed_out", "default")},  # ... and GPT-NeoX as embed_out (built as lm_head)
+    "qwen2": {("lm_head", "default")},  # tied to model.embed_tokens
+    "gemma3": {("lm_head", "default")},  # tied to model.embed_tokens
 }
-LINEAR_COUNT = {"llama": 15, "opt": 15, "bart": 17, "xlm-roberta": 14}
+#: Llava: CLIP 2 x (q, k, v, out_proj, fc1, fc2) + projector linear_1, linear_2 + Llama 2 x 7 + head = 29.
+#: GPT-NeoX: 2 x (query_key_value, dense, dense_h_to_4h, dense_4h_to_h) + embed_out = 9.
+LINEAR_COUNT = {"llama": 15, "opt": 15, "bart": 17, "xlm-roberta": 14, "llava": 29, "gpt-neox": 9, "qwen2": 15,
+                "gemma3": 15}
 
 
 def _load(folder: Path) -> dict[str, torch.Tensor]:
@@ -123,7 +131,8 @@ def test_2_4_mask_equals_an_independent_selection(tiny_llama_bf16, tmp_path):
     kept = w[expected].reshape(w.shape[0], -1)
     scale = dst[f"{name}.weight_scale"]
     assert torch.equal(scale.reshape(-1), (kept.abs().amax(dim=1) / 448).reshape(-1))
-    assert torch.equal(dst[f"{name}.compressed"].view(torch.uint8), (kept / scale).to(torch.float8_e4m3fn).view(torch.uint8))
+    expected_values = (kept / scale).to(torch.float8_e4m3fn)
+    assert torch.equal(dst[f"{name}.compressed"].view(torch.uint8), expected_values.view(torch.uint8))
 
 
 EXPECTED_WITH_OPTIONS = {
@@ -141,6 +150,18 @@ EXPECTED_WITH_OPTIONS = {
         ("classifier.out_proj", "shape"), ("roberta.encoder.layer.0.attention.self.query", "user"),
         ("roberta.encoder.layer.0.attention.self.key", "fused"),
         ("roberta.encoder.layer.0.attention.self.value", "fused")}),
+    # Patterns match checkpoint names, which transformers renames on load for Llava and GPT-NeoX.
+    "llava": (dict(ignore=["language_model.model.layers.1.self_attn.q_proj", "re:vision_tower\\..*\\.fc2"]), {
+        ("language_model.lm_head", "default"), ("language_model.model.layers.1.self_attn.q_proj", "user"),
+        ("language_model.model.layers.1.self_attn.k_proj", "fused"),
+        ("language_model.model.layers.1.self_attn.v_proj", "fused"),
+        ("vision_tower.encoder.layers.0.mlp.fc2", "user"), ("vision_tower.encoder.layers.1.mlp.fc2", "user")}),
+    "gpt-neox": (dict(overrides=["embed_out=w8a16-int8", "re:.*dense_4h_to_h=none"]), {
+        ("gpt_neox.layers.0.mlp.dense_4h_to_h", "user"), ("gpt_neox.layers.1.mlp.dense_4h_to_h", "user")}),
+    "qwen2": (dict(ignore=["model.layers.0.mlp.up_proj"]), {
+        ("lm_head", "default"), ("model.layers.0.mlp.up_proj", "user"), ("model.layers.0.mlp.gate_proj", "fused")}),
+    "gemma3": (dict(overrides=["re:.*down_proj=fp8-dynamic", "model.layers.1.self_attn.o_proj=none"]), {
+        ("lm_head", "default"), ("model.layers.1.self_attn.o_proj", "user")}),
 }
 
 
