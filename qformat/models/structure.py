@@ -245,6 +245,14 @@ def _check_against_model(model: torch.nn.Module, modules: Mapping[str, torch.nn.
                     "re-download the model")
 
 
+def _declared_ties(model: torch.nn.Module) -> set[str]:
+    """Parameters transformers ties to another one (`all_tied_weights_keys` targets; transformers 5)."""
+    try:
+        return set(getattr(model, "all_tied_weights_keys", None) or ())
+    except Exception:  # a property of an unusual model may raise: no declared ties
+        return set()
+
+
 def _refuse_fused_experts(model: torch.nn.Module, model_type: str) -> None:
     for name, param in model.named_parameters():
         if param.dim() >= 3 and ".experts" in f".{name}":
@@ -307,6 +315,8 @@ def structure_of(model: torch.nn.Module, shapes: Mapping[str, tuple[int, ...]] |
         inputs = model.get_input_embeddings()
         tied = output is not None and inputs is not None and output.weight is inputs.weight
     output_name = next((n for n, m in modules.items() if m is output), None) if output is not None else None
+    # before transformers loads weights (the quantizer's view), ties are declared but not yet made
+    tied = tied or (output_name is not None and f"{output_name}.weight" in _declared_ties(model))
 
     linears: dict[str, LinearModule] = {}
     for model_name in linear_names:
