@@ -20,6 +20,7 @@ Examples:
   qformat convert ./bart ./bart-mixed --scheme w8a8-int8 \\
       --override 're:.*fc[12]=fp8-dynamic' --ignore model.decoder.layers.11.fc2
   qformat convert ./llama ./llama-24 --scheme w8a16-int8 --sparsity 2:4
+  qformat convert ./gemma-fp32 ./gemma-int8 --scheme w8a16-int8 --dtype bfloat16
 """
 
 
@@ -36,14 +37,17 @@ Examples:
 @click.option("--observer", type=click.Choice(OBSERVERS), default=None,
               help="Scale observer. Default: mse for fp8 schemes, absmax for int8.")
 @click.option("--sparsity", type=click.Choice(["2:4"]), default=None, help="Prune every quantized module to 2:4.")
+@click.option("--dtype", default="auto", show_default=True, metavar="DTYPE",
+              help="Dtype of the tensors kept in full precision (embeddings, norms, biases, fallback modules): "
+                   "bfloat16, float16, float32, or auto = config.json's dtype, else as stored.")
 @click.option("--base-model", default=None, metavar="REPO_ID",
               help="Hub repo id to record as the base model of a local SOURCE.")
 @click.option("--revision", default=None, help="Branch, tag or commit of a Hub SOURCE.")
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard.")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists (only once the new one is complete).")
 def convert_command(source: str, output: str, scheme: str, ignore: tuple[str, ...], overrides: tuple[str, ...],
-                    observer: str | None, sparsity: str | None, base_model: str | None, revision: str | None,
-                    max_shard_size: str, overwrite: bool) -> None:
+                    observer: str | None, sparsity: str | None, dtype: str, base_model: str | None,
+                    revision: str | None, max_shard_size: str, overwrite: bool) -> None:
     """Convert SOURCE (a model folder or Hub repo id) into a qformat checkpoint at OUTPUT."""
     install_signal_handlers()
     with reported_errors("nothing was written to OUTPUT"):
@@ -51,6 +55,6 @@ def convert_command(source: str, output: str, scheme: str, ignore: tuple[str, ..
         from qformat.converter import convert
 
         result = convert(source, output, scheme=scheme, ignore=ignore, overrides=overrides, observer=observer,
-                         sparsity=sparsity, base_model=base_model, revision=revision, max_shard_size=max_shard_size,
-                         overwrite=overwrite, progress=sys.stderr.isatty())
+                         sparsity=sparsity, dtype=dtype, base_model=base_model, revision=revision,
+                         max_shard_size=max_shard_size, overwrite=overwrite, progress=sys.stderr.isatty())
         click.echo(inspect(result.output).to_text())

@@ -10,7 +10,7 @@ from typing import Any
 
 from qformat._version import __version__
 from qformat.converter.files import copy_support_files
-from qformat.converter.layout import OutputLayout, plan_output
+from qformat.converter.layout import OutputLayout, declare_dtype, plan_output, resolve_dtype
 from qformat.converter.options import ConvertOptions
 from qformat.converter.pipeline import run_pipeline
 from qformat.plan.rules import ConversionPlan, plan_conversion
@@ -118,9 +118,9 @@ def _reread(folder: Path, layout: OutputLayout) -> None:
 
 def convert(source: str | os.PathLike[str], output: str | os.PathLike[str], *, scheme: str = "w8a8-int8",
             ignore: tuple[str, ...] | list[str] = (), overrides: tuple[tuple[str, str], ...] | list[Any] = (),
-            observer: str | None = None, sparsity: str | None = None, base_model: str | None = None,
-            revision: str | None = None, max_shard_size: int | str = "5GB", overwrite: bool = False,
-            progress: bool = False) -> ConvertResult:
+            observer: str | None = None, sparsity: str | None = None, dtype: str = "auto",
+            base_model: str | None = None, revision: str | None = None, max_shard_size: int | str = "5GB",
+            overwrite: bool = False, progress: bool = False) -> ConvertResult:
     """Convert a Hugging Face model into a qformat checkpoint at `output`.
 
     Args:
@@ -131,6 +131,9 @@ def convert(source: str | os.PathLike[str], output: str | os.PathLike[str], *, s
         overrides: (pattern, scheme) pairs or "PATTERN=SCHEME" strings; scheme "none" keeps modules in full precision.
         observer: "absmax" or "mse"; default "mse" for fp8 schemes and "absmax" for int8.
         sparsity: "2:4" to prune every quantized module to 2:4 structured sparsity.
+        dtype: dtype of the float tensors kept in full precision (embeddings, norms, biases, fallback weights):
+            "bfloat16", "float16", "float32", or "auto": config.json's `dtype`/`torch_dtype` if it names one of
+            those, else each tensor's stored dtype. The output's config.json names the dtype chosen.
         base_model: Hub repo id to record as the base model of a local source.
         max_shard_size: largest output shard, e.g. "5GB".
         progress: show a progress bar of bytes converted.
@@ -145,7 +148,7 @@ def convert(source: str | os.PathLike[str], output: str | os.PathLike[str], *, s
 
     pairs = tuple(parse_override(o) if isinstance(o, str) else (o[0], o[1]) for o in overrides)
     options = ConvertOptions(scheme=scheme, ignore=tuple(ignore), overrides=pairs, observer=observer,
-                             sparsity=sparsity, base_model=base_model, revision=revision,
+                             sparsity=sparsity, dtype=dtype, base_model=base_model, revision=revision,
                              max_shard_size=parse_size(max_shard_size))
     out = Path(output)
     src = resolve_source_for(source, out, revision=revision, overwrite=overwrite)
@@ -153,7 +156,9 @@ def convert(source: str | os.PathLike[str], output: str | os.PathLike[str], *, s
     checkpoint.readahead(READAHEAD_START)
     structure = analyze_structure(src.path, {name: t.shape for name, t in checkpoint.tensors.items()})
     plan = plan_conversion(structure, options)
-    layout = plan_output(checkpoint, plan, options.max_shard_size)
+    config = load_json(src.path / "config.json", error=SourceError)
+    target_dtype = resolve_dtype(options.dtype, config)
+    layout = plan_output(checkpoint, plan, options.max_shard_size, dtype=target_dtype)
     _refuse_non_float_weights(layout)
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         _copied, skipped = copy_support_files(src.path, tmp)
@@ -165,7 +170,7 @@ def convert(source: str | os.PathLike[str], output: str | os.PathLike[str], *, s
         if len(layout.shard_names) > 1:
             weight_map = {spec.name: layout.shard_names[job.shard] for job in layout.jobs for spec in job.outputs}
             write_weight_index(tmp, weight_map, layout.total_bytes)
-        config = load_json(src.path / "config.json", error=SourceError)
+        config = declare_dtype(config, target_dtype)
         config["quantization_config"] = _quantization_config(plan, options, src, checkpoint, layout, result.hashes,
                                                              result.stats, skipped)
         write_json(tmp / "config.json", config)

@@ -1,23 +1,66 @@
 """Output layout: every tensor the converted checkpoint will hold, grouped into shards, before anything is written.
 
-Knowing every output tensor's dtype and shape up front (they follow from the source header and the plan) is what
-lets the converter write each shard's header first and stream tensor bytes after it.
+Knowing every output tensor's dtype and shape up front (they follow from the source header, the plan and the
+requested full-precision dtype) is what lets the converter write each shard's header first and stream tensor bytes
+after it. The full-precision dtype (`--dtype`) is resolved here too: "auto" means what config.json declares, as
+`from_pretrained(dtype="auto")` reads it, else each tensor's stored dtype.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
-from qformat.plan.rules import ConversionPlan, ModuleDecision
 from qformat.io.safetensors_format import FileLayout, layout_file
 from qformat.io.source import SourceCheckpoint, SourceTensor
+from qformat.plan.recipe import AUTO_DTYPE, DTYPES
+from qformat.plan.rules import ConversionPlan, ModuleDecision
 from qformat.spec.layout import TensorSpec, module_tensors
 
-__all__ = ["SHARD_METADATA", "SINGLE_FILE", "OutputLayout", "SourceJob", "plan_output"]
+__all__ = ["CASTABLE_DTYPES", "CONFIG_DTYPE_KEYS", "SHARD_METADATA", "SINGLE_FILE", "OutputLayout", "SourceJob",
+           "declare_dtype", "plan_output", "resolve_dtype"]
 
 #: The safetensors metadata of every shard; old loaders check for {"format": "pt"}.
 SHARD_METADATA = {"format": "pt"}
 SINGLE_FILE = "model.safetensors"
+#: Stored dtypes of copied tensors that `--dtype` casts; integer and bool buffers and fp8 data are copied as stored.
+CASTABLE_DTYPES = frozenset({"F16", "BF16", "F32", "F64"})
+#: config.json keys naming the model's dtype: transformers 5 writes `dtype`, older versions `torch_dtype`.
+CONFIG_DTYPE_KEYS = ("dtype", "torch_dtype")
+
+
+def resolve_dtype(requested: str, config: Mapping[str, Any]) -> str | None:
+    """The dtype name ("bfloat16", "float16", "float32") copied float tensors are written in, or None to keep each
+    tensor's stored dtype. "auto" takes config.json's `dtype` (else `torch_dtype`) when it names one of those."""
+    if requested != AUTO_DTYPE:
+        return requested
+    for key in CONFIG_DTYPE_KEYS:
+        value = config.get(key)
+        if isinstance(value, str):
+            name = value.removeprefix("torch.")
+            return name if name in DTYPES else None
+    return None
+
+
+def declare_dtype(config: dict[str, Any], name: str | None) -> dict[str, Any]:
+    """`config` with its dtype key(s) set to `name`, so `from_pretrained(dtype="auto")` loads the full-precision
+    tensors in the dtype they are stored in. The keys the source has are set (a composite model's sub-configs'
+    included); `dtype` where it has none. `name=None` (stored dtypes kept) leaves the config as it is."""
+    if name is None:
+        return config
+    if not any(key in config for key in CONFIG_DTYPE_KEYS):
+        config["dtype"] = name
+    _set_dtype_keys(config, name)
+    return config
+
+
+def _set_dtype_keys(node: dict[str, Any], name: str) -> None:
+    for key, value in node.items():
+        if key in CONFIG_DTYPE_KEYS:
+            node[key] = name
+        elif isinstance(value, dict):
+            _set_dtype_keys(value, name)
 
 
 @dataclass(frozen=True)
@@ -28,6 +71,13 @@ class SourceJob:
     outputs: tuple[TensorSpec, ...]
     shard: int
     decision: ModuleDecision | None  # set when the tensor is a weight being quantized
+
+    @property
+    def cast(self) -> str | None:
+        """The dtype code a copied tensor is cast to; None when it is quantized or copied byte for byte."""
+        if self.decision is not None or self.outputs[0].dtype == self.source.dtype:
+            return None
+        return self.outputs[0].dtype
 
 
 @dataclass(frozen=True)
@@ -41,22 +91,25 @@ class OutputLayout:
         return sum(spec.nbytes for job in self.jobs for spec in job.outputs)
 
 
-def _outputs(tensor: SourceTensor, decision: ModuleDecision | None) -> tuple[TensorSpec, ...]:
+def _outputs(tensor: SourceTensor, decision: ModuleDecision | None, dtype: str | None) -> tuple[TensorSpec, ...]:
     if decision is None:
-        return (TensorSpec(tensor.name, tensor.dtype, tensor.shape),)
+        cast = dtype is not None and tensor.dtype in CASTABLE_DTYPES
+        return (TensorSpec(tensor.name, DTYPES[dtype] if cast else tensor.dtype, tensor.shape),)
     module = decision.module
     assert decision.scheme is not None
     return tuple(module_tensors(module.name, decision.scheme, module.out_features, module.in_features))
 
 
-def plan_output(checkpoint: SourceCheckpoint, plan: ConversionPlan, max_shard_size: int) -> OutputLayout:
+def plan_output(checkpoint: SourceCheckpoint, plan: ConversionPlan, max_shard_size: int, *,
+                dtype: str | None = None) -> OutputLayout:
     """Assign every output tensor to a shard, in source order, starting a new shard before one would exceed
-    `max_shard_size` (a tensor larger than that gets a shard of its own)."""
+    `max_shard_size` (a tensor larger than that gets a shard of its own). `dtype` (a `resolve_dtype` name) is the
+    dtype of every copied float tensor; None keeps each as stored."""
     by_weight_key = {d.module.weight_key: d for d in plan.quantized}
     staged: list[tuple[SourceTensor, tuple[TensorSpec, ...], ModuleDecision | None]] = []
     for tensor in checkpoint.tensors.values():
         decision = by_weight_key.get(tensor.name)
-        staged.append((tensor, _outputs(tensor, decision), decision))
+        staged.append((tensor, _outputs(tensor, decision, dtype), decision))
     shard_of: list[int] = []
     shard, size = 0, 0
     for _, outputs, _ in staged:

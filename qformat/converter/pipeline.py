@@ -1,4 +1,4 @@
-"""The streaming conversion loop: read a tensor, quantize or pass it through, write it, release it.
+"""The streaming conversion loop: read a tensor, quantize, cast or pass it through, write it, release it.
 
 The main thread reads and quantizes; one writer thread writes, hashes and releases source pages, so disk writes and
 hashing overlap the next tensor's quantization. A bounded queue keeps at most a few converted tensors in flight,
@@ -20,7 +20,8 @@ import torch
 from tqdm.auto import tqdm
 
 from qformat.converter.layout import OutputLayout, SourceJob
-from qformat.io.source import TensorReader
+from qformat.errors import OptionError
+from qformat.io.source import TORCH_DTYPES, TensorReader
 from qformat.io.writer import ShardWriter
 from qformat.quantize.weights import quantize_weight
 
@@ -117,11 +118,36 @@ class _WriterThread(threading.Thread):
             raise self.error
 
 
+def _cast(job: SourceJob, reader: TensorReader, dtype: str) -> torch.Tensor:
+    """The source tensor in `dtype`, as `Tensor.to` casts it (round to nearest even), which is what
+    `from_pretrained(..., dtype=...)` does to the same tensor. A cast that turns finite values into infinities
+    (float16 holds at most 65504; float64 to float32 or bfloat16 can overflow too) is refused: the checkpoint would
+    hold infinities its source does not."""
+    source = reader.tensor(job.source)
+    cast = source.to(TORCH_DTYPES[dtype])
+    if cast.is_floating_point() and not bool(torch.isfinite(cast).all()):
+        overflow = torch.isfinite(source) & ~torch.isfinite(cast)
+        if not bool(overflow.any()):
+            return cast  # the source's own NaN or Inf, copied as transformers would copy it
+        largest = source[overflow].abs().max().item()
+        name = str(cast.dtype).removeprefix("torch.")
+        fix = "convert with --dtype bfloat16 or float32" if dtype == "F16" else "fix those values in the source"
+        raise OptionError(f"dtype {name} cannot hold {job.source.name}: it has values up to {largest:.4g}, beyond "
+                          f"{name}'s largest ({torch.finfo(cast.dtype).max:.6g}); {fix}")
+    return cast
+
+
 def _convert_job(job: SourceJob, reader: TensorReader, writer: _WriterThread, result: _Result) -> None:
     decision = job.decision
     source = job.source
-    if decision is None:
+    if decision is None and job.cast is None:
         writer.put(job.shard, source.name, reader.raw(source), after=lambda: reader.release(source), owned=False)
+        return
+    if decision is None:
+        assert job.cast is not None
+        cast = _cast(job, reader, job.cast)
+        reader.release(source)
+        writer.put(job.shard, source.name, _bytes_of(cast))
         return
     assert decision.scheme is not None and decision.observer is not None
     module = decision.module
@@ -160,7 +186,8 @@ def run_pipeline(layout: OutputLayout, reader: TensorReader, folder: Path, *, pr
     try:
         for name, shard_layout in zip(layout.shard_names, layout.shard_layouts):
             writers.append(ShardWriter(folder / name, shard_layout))
-        largest = max((sum(o.nbytes for o in job.outputs) for job in layout.jobs if job.decision), default=0)
+        largest = max((sum(o.nbytes for o in job.outputs) for job in layout.jobs if job.decision or job.cast),
+                      default=0)
         writer = _WriterThread(writers, result.hashes, budget=max(WRITE_BUDGET_MIN, 2 * largest))
         writer.start()
         try:
