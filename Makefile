@@ -31,10 +31,13 @@ demo: setup
 test: setup
 	$(PY) -m pytest
 
-# On a machine with a CUDA GPU and its own preinstalled stack (no network): every @pytest.mark.cuda test, from the
-# source tree (no install step; `import qformat` registers the loader). No benchmark has CUDA rows yet.
+# On a machine with a CUDA GPU and its own preinstalled stack (no network): every @pytest.mark.cuda test and the CUDA
+# rows of benchmarks/linear.py, from the source tree (no install step; `import qformat` registers the loader), each
+# step under a timeout so the whole check ends within 8 minutes, then one summary; exit 1 if anything failed. Without
+# CUDA it says "no CUDA" and exits 0. GPU_PYTHON: the interpreter whose stack is checked.
+GPU_PYTHON ?= python3
 gpu-check:
-	PYTHONPATH=$(CURDIR) python3 -m pytest -m cuda -q -p no:cacheprovider
+	PYTHONPATH=$(CURDIR) $(GPU_PYTHON) scripts/gpu_check.py
 
 bench: setup
 	$(PY) benchmarks/convert.py

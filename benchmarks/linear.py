@@ -1,6 +1,6 @@
-"""Linear-layer speed on this CPU: qformat's modules vs fp32/bf16 nn.Linear and the peers, one process, one run.
+"""Linear-layer speed on this CPU or a CUDA GPU: qformat's modules vs fp32/bf16 nn.Linear and the peers, one run.
 
-    python benchmarks/linear.py [--ms 1,8,128,512] [--plot docs/linear.png] [--seconds 0.3]
+    python benchmarks/linear.py [--device cpu|cuda] [--ms 1,8,128,512] [--plot docs/linear.png] [--seconds 0.3]
 
 Shapes are cpu-kernels.md's (K x N = in x out: 2048x2048, 4096x4096, 4096x14336). Activations are bf16 for every
 quantized row except PyTorch's legacy `quantize_dynamic` (fp32 only, the runtime of Intel's int8-dynamic models).
@@ -8,12 +8,18 @@ Peers are rows, not dependencies: torchao (int8 weight-only, W8A8 dynamic; eager
 weights) are measured when importable, and reported as absent otherwise. Every figure is a median over
 calls in interleaved rounds (every layer once per round, so the shared machine's slow spells hit all alike);
 the ratios (x bf16) come from the same run.
+
+`--device cuda` measures the same rows on the GPU (plus `w8a8-int8+2:4`, the scheme with a CUDA sparse path; the
+legacy `quantize_dynamic` is CPU only): qformat's modules are quantized on the CPU and moved, every burst of calls
+ends with a synchronize. The process exits 1 if a qformat row fails to run (the table says why), so a GPU check can
+rely on its status.
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -27,17 +33,25 @@ from qformat.spec import resolve_scheme_name
 SHAPES = [(2048, 2048), (4096, 4096), (4096, 14336)]
 
 
-def timed_together(fns: dict[str, Callable[[], object]], seconds: float) -> dict[str, float]:
+def _no_sync() -> None:
+    pass
+
+
+def timed_together(fns: dict[str, Callable[[], object]], seconds: float,
+                   sync: Callable[[], None] = _no_sync) -> dict[str, float]:
     """Median milliseconds per call of each function, measured in interleaved rounds.
 
     Each round times every function once (a burst of calls lasting ~10 ms), so a slow spell of this shared machine
-    hits all of them alike; rounds repeat for about `seconds` per function, and at least 7 times.
+    hits all of them alike; rounds repeat for about `seconds` per function, and at least 7 times. `sync` waits for
+    queued work (torch.cuda.synchronize on a GPU, whose calls return before they finish); it ends every burst.
     """
     reps = {}
     for name, fn in fns.items():  # warm-up, and how many calls make ~10 ms
         fn()
+        sync()
         t = time.perf_counter()
         fn()
+        sync()
         reps[name] = max(1, int(0.010 / max(time.perf_counter() - t, 1e-6)))
     samples: dict[str, list[float]] = {name: [] for name in fns}
     start = time.perf_counter()
@@ -47,6 +61,7 @@ def timed_together(fns: dict[str, Callable[[], object]], seconds: float) -> dict
             t = time.perf_counter()
             for _ in range(reps[name]):
                 fn()
+            sync()
             samples[name].append((time.perf_counter() - t) * 1000 / reps[name])
         rounds += 1
     return {name: statistics.median(values) for name, values in samples.items()}
@@ -80,8 +95,13 @@ def _legacy_dynamic(linear: torch.nn.Linear):
     return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
 
 
-def build_rows(k: int, n: int) -> dict[str, tuple[torch.nn.Module | None, torch.dtype, str]]:
-    """name -> (module or None if unavailable, activation dtype, note)."""
+def _cpu_only() -> None:
+    raise RuntimeError("CPU only")
+
+
+def build_rows(k: int, n: int, device: torch.device = torch.device("cpu")
+               ) -> dict[str, tuple[torch.nn.Module | None, torch.dtype, str]]:
+    """name -> (module on `device`, or None if unavailable; activation dtype; note)."""
     torch.manual_seed(0)
     base = torch.nn.Linear(k, n, bias=False)
     torch.nn.init.normal_(base.weight, std=0.02)
@@ -91,14 +111,18 @@ def build_rows(k: int, n: int) -> dict[str, tuple[torch.nn.Module | None, torch.
         "fp32 nn.Linear": (base, torch.float32, ""),
         "bf16 nn.Linear": (bf16, torch.bfloat16, ""),
     }
-    for scheme in ("w8a16-int8", "w8a8-int8", "fp8-dynamic"):
-        rows[f"qformat {scheme}"] = (QuantLinear.from_float(bf16, resolve_scheme_name(scheme)[1], scheme_name=scheme),
-                                     torch.bfloat16, "")
+    schemes = ["w8a16-int8", "w8a8-int8", "fp8-dynamic"] + (["w8a8-int8+2:4"] if device.type == "cuda" else [])
+    for scheme in schemes:
+        # quantized on the CPU, then moved (nn.Module.to moves in place): the same tensors on every device
+        module = QuantLinear.from_float(bf16, resolve_scheme_name(scheme)[1], scheme_name=scheme)
+        rows[f"qformat {scheme}"] = (module.to(device), torch.bfloat16, "")
+    base.to(device)
+    bf16.to(device)
     peers = {
         "torchao int8 weight-only": lambda: _torchao(bf16, "weight-only"),
         "torchao W8A8 dynamic": lambda: _torchao(bf16, "dynamic"),
         "optimum-quanto qint8": lambda: _quanto(bf16),
-        "quantize_dynamic (fp32)": lambda: _legacy_dynamic(base),
+        "quantize_dynamic (fp32)": (lambda: _legacy_dynamic(base)) if device.type == "cpu" else _cpu_only,
     }
     for name, make in peers.items():
         try:
@@ -114,14 +138,22 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=0.3)
     parser.add_argument("--plot", type=Path, default=None, help="write a PNG of time vs M per scheme")
     parser.add_argument("--shapes", default=",".join(f"{k}x{n}" for k, n in SHAPES))
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     args = parser.parse_args()
     ms = [int(m) for m in args.ms.split(",")]
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: this torch sees no CUDA device")
+    sync = torch.cuda.synchronize if device.type == "cuda" else _no_sync
     results: dict[tuple[int, int], dict[str, dict[int, float]]] = {}
     paths: dict[tuple[int, int, str, int], str] = {}
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; milliseconds per call (x bf16 in brackets)")
+    failed: list[str] = []
+    where = (f"{torch.cuda.get_device_name(device)}, CUDA {torch.version.cuda}" if device.type == "cuda"
+             else f"{torch.get_num_threads()} threads")
+    print(f"torch {torch.__version__}, {where}; milliseconds per call (x bf16 in brackets)")
     for k, n in shapes:
-        rows = build_rows(k, n)
+        rows = build_rows(k, n, device)
         table: dict[str, dict[int, float]] = {name: {} for name in rows}
         for m in ms:
             x32 = torch.randn(m, k)
@@ -129,21 +161,29 @@ def main() -> None:
             for name, (module, dtype, _) in rows.items():
                 if module is None:
                     continue
-                x = x32.to(dtype)
+                x = x32.to(device=device, dtype=dtype)
                 fns[name] = lambda module=module, x=x: module(x)
                 if isinstance(module, QuantLinear):
-                    with trace_paths() as log, torch.no_grad():
-                        module(x)
+                    try:
+                        with trace_paths() as log, torch.no_grad():
+                            module(x)
+                        sync()
+                    except Exception as exc:  # a qformat row that cannot run is a result: reported, and exit 1
+                        rows[name] = (None, dtype, f"FAILED at M={m}: {type(exc).__name__}: {str(exc)[:80]}")
+                        failed.append(f"{k}x{n} {name}")
+                        del fns[name]
+                        continue
                     paths[k, n, name, m] = "+".join(p for _, p in log)
             with torch.no_grad():
-                for name, ms_per_call in timed_together(fns, args.seconds).items():
+                for name, ms_per_call in timed_together(fns, args.seconds, sync).items():
                     table[name][m] = ms_per_call
         results[k, n] = table
         head = "| K x N | layer | " + " | ".join(f"M={m}" for m in ms) + " |"
         print(f"\n{head}\n|" + "---|" * (len(ms) + 2))
         for name, (module, _, note) in rows.items():
             if module is None:
-                print(f"| {k}x{n} | {name} | " + " | ".join("-" for _ in ms) + f" | absent: {note}")
+                note = note if note.startswith("FAILED") else f"absent: {note}"
+                print(f"| {k}x{n} | {name} | " + " | ".join("-" for _ in ms) + f" | {note}")
                 continue
             cells = []
             for m in ms:
@@ -153,6 +193,9 @@ def main() -> None:
             print(f"| {k}x{n} | {name} | " + " | ".join(cells) + " |")
     if args.plot:
         _plot(results, ms, args.plot)
+    if failed:
+        print(f"\nqformat rows that failed: {', '.join(failed)}")
+        sys.exit(1)
 
 
 def _plot(results, ms, path: Path) -> None:
