@@ -41,7 +41,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """One saved tiny random model per test architecture (llama, opt, bart, xlm-roberta), fp32."""
+    """One saved tiny random model per test architecture (`TINY_ARCHITECTURES`: llama, opt, bart, xlm-roberta,
+    llava, gpt-neox, qwen2, gemma3), fp32."""
     root = tmp_path_factory.mktemp("tiny-models")
     return {arch: save_tiny_model(arch, root / arch) for arch in TINY_ARCHITECTURES}
 

@@ -22,7 +22,7 @@ _WEIGHT = ".weight"
 def _key_renamer(model: torch.nn.Module) -> Callable[[str], tuple[str, bool]]:
     """A function checkpoint key -> (model state-dict key, whether a WeightConverter takes the key), as
     transformers' loader renames keys (its renamings, converters and base-model-prefix handling)."""
-    meta_sd = {name: None for name in model.state_dict(keep_vars=True)}
+    meta_sd = model.state_dict(keep_vars=True)  # values matter: transformers tests `.get(key) is not None`
     prefix = getattr(model, "base_model_prefix", "") or None
     try:
         from transformers.conversion_mapping import get_model_conversion_mapping

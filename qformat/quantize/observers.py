@@ -67,7 +67,12 @@ _FP8_VALUES = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).to(
 
 
 def fp8_to_float32(values: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """Write the fp32 value of every e4m3fn element of `values` into `out` (same shape) and return `out`."""
+    """Write the fp32 value of every e4m3fn element of `values` into `out` (same shape) and return `out`.
+
+    The table is a CPU speed-up only; on other devices the cast, whose values the table holds, stays on the device.
+    """
+    if values.device.type != "cpu":
+        return out.copy_(values)
     index = values.reshape(-1).view(torch.uint8).to(torch.int32)
     torch.index_select(_FP8_VALUES, 0, index, out=out.view(-1))
     return out
@@ -137,10 +142,10 @@ def mse_scales(w32: torch.Tensor, absmax: torch.Tensor, qtype: str, params: MseP
     """
     qmax = QMAX[qtype]
     best_scale = absmax_scales(absmax, qtype)
-    best_err = torch.full(best_scale.shape, float("inf"), dtype=torch.float64)
+    best_err = torch.full(best_scale.shape, float("inf"), dtype=torch.float64, device=w32.device)
     r = torch.empty_like(w32)
     q = torch.empty_like(w32)
-    fp8 = torch.empty(w32.shape, dtype=torch.float8_e4m3fn) if qtype == "float" else None
+    fp8 = torch.empty(w32.shape, dtype=torch.float8_e4m3fn, device=w32.device) if qtype == "float" else None
     stale = 0
     for i in range(round(params.maxshrink * params.grid)):
         scale = _positive(absmax.float() * (1.0 - i / params.grid) / qmax)

@@ -11,6 +11,7 @@ Bitmask layout (docs/FORMAT.md): uint8 [out, ceil(in/8)], bit j (least significa
 
 from __future__ import annotations
 
+import functools
 import itertools
 
 import numpy as np
@@ -59,6 +60,12 @@ def _build_tables() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 _NIBBLE, _KEPT_IDX, _DROPPED_IDX = _build_tables()
 
 
+@functools.cache
+def _tables_on(device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`_build_tables`' tables on `device` (copied there once), so that pruning a CUDA block stays on the GPU."""
+    return _NIBBLE.to(device), _KEPT_IDX.to(device), _DROPPED_IDX.to(device)
+
+
 def select_2_4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Prune `w` ([rows, in], in % 4 == 0) to 2:4.
 
@@ -71,14 +78,15 @@ def select_2_4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
         raise ValueError(f"2:4 sparsity needs in_features divisible by 4, got {cols}")
     groups = w.reshape(rows, cols // 4, 4)
     mag = groups.abs()
-    code = torch.zeros(rows, cols // 4, dtype=torch.uint8)
+    nibbles, kept_idx, dropped_idx = _tables_on(w.device)
+    code = torch.zeros(rows, cols // 4, dtype=torch.uint8, device=w.device)
     for p, (i, j) in enumerate(_PAIRS):
         # the lower index wins ties: element i beats element j when |w_i| >= |w_j|
         code |= (mag[..., i] >= mag[..., j]).to(torch.uint8) << p
     index = code.long()
-    nibble = _NIBBLE[index]
-    values = torch.gather(groups, 2, _KEPT_IDX[index]).reshape(rows, cols // 2)
-    dropped = torch.gather(groups, 2, _DROPPED_IDX[index]).reshape(rows, cols // 2)
+    nibble = nibbles[index]
+    values = torch.gather(groups, 2, kept_idx[index]).reshape(rows, cols // 2)
+    dropped = torch.gather(groups, 2, dropped_idx[index]).reshape(rows, cols // 2)
     return values, _pack_nibbles(nibble), dropped
 
 

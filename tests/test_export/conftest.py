@@ -2,7 +2,7 @@
 
 The judges are compressed-tensors and transformers themselves: transformers' `CompressedTensorsConfig(dequantize=True)`
 load of a compressed-tensors checkpoint, and compressed-tensors' `CompressedTensorsDequantizer`. qformat's side is its
-own dequantized load (`QFormatQuantizationConfig(dequantize=True)`) and `dequantized_state_dict`.
+own dequantized load (`QFormatConfig(dequantize=True)`) and `dequantized_state_dict`.
 """
 
 from __future__ import annotations
@@ -54,9 +54,9 @@ def qformat_logits(folder: Path, dtype: torch.dtype = torch.float32) -> torch.Te
     """Logits of qformat's dequantized load (plain nn.Linear layers holding scale * values)."""
     from transformers import AutoModelForCausalLM
 
-    from qformat.loaders.transformers import QFormatQuantizationConfig
+    from qformat import QFormatConfig
 
-    model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=QFormatQuantizationConfig(dequantize=True),
+    model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=QFormatConfig(dequantize=True),
                                                  dtype=dtype)
     with torch.no_grad():
         return model(INPUT_IDS).logits

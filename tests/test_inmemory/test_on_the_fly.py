@@ -20,7 +20,7 @@ from qformat.errors import OptionError, QFormatError
 from qformat.nn import QuantLinear
 
 SCHEMES = ["w8a16-int8", "w8a8-int8", "fp8-dynamic", "fp8-weight-only", "w8a8-int8+2:4"]
-ARCHS = ["llama", "opt", "bart", "xlm-roberta"]
+ARCHS = ["llama", "opt", "bart", "xlm-roberta", "llava", "gpt-neox", "qwen2", "gemma3"]
 
 
 def _model_class(folder: Path) -> type:

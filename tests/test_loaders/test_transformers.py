@@ -24,7 +24,7 @@ import qformat
 from qformat.checkpoint import open_checkpoint
 from qformat.errors import UnsupportedFormatVersionError
 from qformat.kernels import fake_quantize
-from qformat.loaders.transformers import QFormatQuantizationConfig
+from qformat import QFormatConfig
 from qformat.nn import QuantLinear
 from qformat.spec import CheckpointConfig
 
@@ -59,7 +59,7 @@ def _spec(folder: Path) -> CheckpointConfig:
 def reference_model(cls, folder: Path, **kwargs) -> nn.Module:
     """The checkpoint's dequantized weights in plain nn.Linear layers, with each module's activations fake-quantized
     exactly as its scheme says (docs/FORMAT.md section 14)."""
-    model = cls.from_pretrained(folder, quantization_config=QFormatQuantizationConfig(dequantize=True), **kwargs)
+    model = cls.from_pretrained(folder, quantization_config=QFormatConfig(dequantize=True), **kwargs)
     spec = _spec(folder)
     stored = set(open_checkpoint(folder).quantized_modules)
     prefix = model.base_model_prefix
@@ -163,7 +163,7 @@ def test_resave_in_another_dtype_still_verifies(converted, tmp_path):
 
 def test_dequantize_option_and_method(converted):
     folder = converted("opt", "w8a8-int8")
-    plain = AutoModelForCausalLM.from_pretrained(folder, quantization_config=QFormatQuantizationConfig(dequantize=True))
+    plain = AutoModelForCausalLM.from_pretrained(folder, quantization_config=QFormatConfig(dequantize=True))
     assert not any(isinstance(m, QuantLinear) for m in plain.modules())
     assert plain.model.decoder.layers[0].fc1.weight.dtype == torch.float32
     assert getattr(plain.config, "quantization_config", None) is None

@@ -12,11 +12,6 @@ from qformat.spec.schemes import scheme_names
 
 OBSERVERS = ("absmax", "mse")
 
-# Helpers quantize_weight calls that still allocate on the default device (the CPU) whatever the weight's device.
-_HELPERS_ON_CPU = pytest.mark.xfail(
-    strict=True, reason="mse_scales and select_2_4 allocate on the default device, not the weight's (issue 10)"
-)
-
 
 def _weight(seed: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """A random [64, 256] weight with an outlier column, a zero row and a tiny row (the zero rule, small scales)."""
@@ -27,16 +22,8 @@ def _weight(seed: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     return w.to(dtype)
 
 
-def _cases() -> list:
-    cases = []
-    for name in scheme_names():
-        for observer in OBSERVERS:
-            needs_helpers = observer == "mse" or "+2:4" in name
-            cases.append(pytest.param(name, observer, marks=_HELPERS_ON_CPU if needs_helpers else ()))
-    return cases
-
-
-@pytest.mark.parametrize(("name", "observer"), _cases())
+@pytest.mark.parametrize("observer", OBSERVERS)
+@pytest.mark.parametrize("name", scheme_names())
 def test_nothing_is_allocated_on_the_default_device(name, observer):
     # With the default device set to meta, any allocation that does not follow the weight's device lands on meta
     # and mixes with the CPU weight's tensors, which fails: the CPU stand-in for "a CUDA weight stays on the GPU".

@@ -1,0 +1,128 @@
+"""Real trained models quantized in memory equal their converted checkpoints, tensor for tensor.
+
+SmolLM2-135M-Instruct (a 30-layer Llama with a tied head, from its GGUF) and all-MiniLM-L6-v2 (BERT): quantizing
+while loading (`from_pretrained(..., quantization_config=QFormatConfig(...))`) and in place (`qformat.quantize_`)
+must write exactly what `qformat.convert` writes. Tiny random models test this for every architecture; real weights
+bring real scale ranges and outliers, where a rounding or dtype difference between the paths would show.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file
+
+import qformat
+from qformat import QFormatConfig
+from qformat.testing.real_models import ModelNotInstalledError, minilm_folder, smollm2_folder
+
+
+@pytest.fixture(scope="session")
+def smollm2(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The fp32 SmolLM2 folder, kept in pytest's cache between runs (building it takes 30-70 s), or in a temporary
+    folder when the cache is off (`-p no:cacheprovider`)."""
+    cache = getattr(request.config, "cache", None)
+    root = cache.mkdir("qformat-real-models") if cache is not None else tmp_path_factory.mktemp("real-models")
+    try:
+        return smollm2_folder(root)
+    except ModelNotInstalledError as error:
+        pytest.skip(str(error))
+
+
+@pytest.fixture(scope="session")
+def minilm() -> Path:
+    try:
+        return minilm_folder()
+    except ModelNotInstalledError as error:
+        pytest.skip(str(error))
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    root = tmp_path_factory.mktemp("real-converted")
+
+    @functools.cache
+    def get(source: Path, scheme: str) -> Path:
+        return qformat.convert(source, root / f"{source.name}-{scheme}", scheme=scheme).output
+
+    return get
+
+
+def _model_class(folder: Path) -> type:
+    return getattr(transformers, json.loads((folder / "config.json").read_text())["architectures"][0])
+
+
+def _tensors(folder: Path) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(file))
+    return out
+
+
+def _qc(folder: Path) -> dict:
+    return json.loads((folder / "config.json").read_text())["quantization_config"]
+
+
+def _differences(ours: Path, converted: Path) -> list[str]:
+    """Every way the two checkpoints' tensors differ: missing names, dtypes, shapes, values (with max abs diff)."""
+    a, b = _tensors(ours), _tensors(converted)
+    diffs = [f"{name}: only in {'ours' if name in a else 'converted'}" for name in sorted(a.keys() ^ b.keys())]
+    for name in sorted(a.keys() & b.keys()):
+        x, y = a[name], b[name]
+        if x.dtype != y.dtype or x.shape != y.shape:
+            diffs.append(f"{name}: {x.dtype} {tuple(x.shape)} vs {y.dtype} {tuple(y.shape)}")
+        elif not torch.equal(x, y):
+            delta = (x.double() - y.double()).abs()
+            diffs.append(f"{name}: {x.dtype}, {int((delta > 0).sum())} of {x.numel()} values differ, "
+                         f"max abs diff {float(delta.max()):.3g}")
+    return diffs
+
+
+# all-MiniLM-L6-v2's file still holds `embeddings.position_ids` (int64, [1, 512]), as old transformers versions
+# saved it. convert copies every tensor of the source it does not quantize; the loaded BertModel holds position_ids
+# as a non-persistent buffer, so save_pretrained does not write it. Pinned here, exactly: any other difference, or
+# the paths agreeing on this one, fails the test.
+KNOWN_DIFFERENCES = {"minilm": ["embeddings.position_ids: only in converted"]}
+
+
+def _assert_same_checkpoint(ours: Path, converted: Path, known: list[str] | None = None) -> None:
+    diffs = _differences(ours, converted)
+    assert diffs == (known or []), "\n".join(diffs)
+    qa, qb = _qc(ours), _qc(converted)
+    for key in ("format_version", "schemes", "default_scheme", "overrides", "fallback", "fused_groups"):
+        assert qa[key] == qb[key], key
+    assert qa["statistics"]["modules"] == qb["statistics"]["modules"]
+
+
+def test_smollm2_folder_is_the_real_model(smollm2):
+    config = json.loads((smollm2 / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"] and config["num_hidden_layers"] == 30
+    assert "quantization_config" not in config and (smollm2 / "tokenizer.json").is_file()
+    assert smollm2_folder(smollm2.parent) == smollm2  # reused, not rebuilt
+
+
+@pytest.mark.parametrize("model, scheme", [("smollm2", "w8a8-int8"), ("minilm", "w8a8-int8"),
+                                           ("minilm", "fp8-dynamic")])
+def test_quantizing_while_loading_equals_convert(request, converted, tmp_path, model, scheme):
+    source = request.getfixturevalue(model)
+    expected = converted(source, scheme)
+    loaded = _model_class(source).from_pretrained(source, quantization_config=QFormatConfig(scheme=scheme))
+    loaded.save_pretrained(tmp_path / "saved")
+    del loaded
+    assert _qc(expected)["statistics"]["quantized_modules"] == (210 if model == "smollm2" else 37)
+    _assert_same_checkpoint(tmp_path / "saved", expected, KNOWN_DIFFERENCES.get(model))
+
+
+def test_quantize_in_place_equals_convert(smollm2, converted, tmp_path):
+    expected = converted(smollm2, "w8a16-int8")
+    model = _model_class(smollm2).from_pretrained(smollm2)
+    result = qformat.quantize_(model, QFormatConfig(scheme="w8a16-int8"))
+    assert len(result.quantized) == _qc(expected)["statistics"]["quantized_modules"] == 210
+    assert [e.to_dict() for e in result.fallback] == _qc(expected)["fallback"]
+    model.save_pretrained(tmp_path / "saved")
+    _assert_same_checkpoint(tmp_path / "saved", expected)
