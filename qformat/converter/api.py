@@ -8,11 +8,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qformat._version import __version__
 from qformat.converter.files import copy_support_files
 from qformat.converter.layout import OutputLayout, declare_dtype, plan_output, resolve_dtype
 from qformat.converter.options import ConvertOptions
 from qformat.converter.pipeline import run_pipeline
+from qformat.plan.record import checkpoint_block
 from qformat.plan.rules import ConversionPlan, plan_conversion
 from qformat.converter.source import ResolvedSource, resolve_source_for
 from qformat.models.structure import analyze_structure
@@ -23,12 +23,12 @@ from qformat.io.jsonfile import load_json
 from qformat.io.safetensors_format import read_header
 from qformat.io.source import SourceCheckpoint
 from qformat.io.writer import write_json
+from qformat.spec.layout import QUANTIZABLE_DTYPES
 
 __all__ = ["ConvertResult", "convert"]
 
 logger = logging.getLogger(__name__)
 
-_FLOAT_SOURCES = {"F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2"}
 
 #: Bytes of source read ahead in the background while the model structure is analyzed (imports take seconds).
 READAHEAD_START = 512 * 2**20
@@ -45,58 +45,26 @@ class ConvertResult:
     checkpoint_bytes: int
 
 
-def _sig(x: float) -> float:
-    return float(f"{x:.6g}")
-
-
-def _environment() -> dict[str, str]:
-    import safetensors
-    import torch
-    import transformers
-
-    return {"torch": torch.__version__, "transformers": transformers.__version__, "safetensors": safetensors.__version__}
-
-
 def _quantization_config(plan: ConversionPlan, options: ConvertOptions, src: ResolvedSource,
                          checkpoint: SourceCheckpoint, layout: OutputLayout, hashes: dict[str, str],
                          stats: dict[str, Any], skipped: list[str]) -> dict[str, Any]:
-    base_model = options.base_model or src.repo_id
-    provenance = {
-        "qformat_version": __version__,
-        "environment": _environment(),
-        "source": {
-            "repo_id": src.repo_id,
-            "revision": src.revision,
-            "base_model": base_model,
-            "format": checkpoint.format,
-            "parameters": checkpoint.numel,
-            "bytes": checkpoint.nbytes,
-            "skipped_weight_files": skipped,
-        },
-        "options": options.to_record(),
-        "command": options.command(src.repo_id or options.base_model or "SOURCE"),
-        "tensor_hashes": dict(sorted(hashes.items())),
+    source = {
+        "repo_id": src.repo_id,
+        "revision": src.revision,
+        "base_model": options.base_model or src.repo_id,
+        "format": checkpoint.format,
+        "parameters": checkpoint.numel,
+        "bytes": checkpoint.nbytes,
+        "skipped_weight_files": skipped,
     }
-    modules = {}
-    for decision in plan.quantized:
-        name = decision.module.name
-        entry: dict[str, Any] = {"scheme": decision.scheme_name, "observer": decision.observer,
-                                 "rel_error": _sig(stats[name].rel_error)}
-        if decision.scheme is not None and decision.scheme.sparsity is not None:
-            entry["rel_quant_error"] = _sig(stats[name].rel_quant_error)
-        modules[name] = entry
-    statistics = {
-        "linear_modules": len(plan.decisions),
-        "quantized_modules": len(plan.quantized),
-        "checkpoint_bytes": layout.total_bytes,
-        "modules": modules,
-    }
-    return plan.config(provenance=provenance, statistics=statistics).to_dict()
+    return checkpoint_block(plan, options, source=source,
+                            command=options.command(src.repo_id or options.base_model or "SOURCE"), errors=stats,
+                            checkpoint_bytes=layout.total_bytes, tensor_hashes=hashes)
 
 
 def _refuse_non_float_weights(layout: OutputLayout) -> None:
     for job in layout.jobs:
-        if job.decision is not None and job.source.dtype not in _FLOAT_SOURCES:
+        if job.decision is not None and job.source.dtype not in QUANTIZABLE_DTYPES:
             raise UnsupportedModelError(
                 f"{job.source.name} is stored as {job.source.dtype}, not a float type; qformat quantizes float "
                 "weights only (convert from the full-precision model)"

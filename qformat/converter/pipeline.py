@@ -23,6 +23,7 @@ from qformat.converter.layout import OutputLayout, SourceJob
 from qformat.errors import OptionError
 from qformat.io.source import TORCH_DTYPES, TensorReader
 from qformat.io.writer import ShardWriter
+from qformat.quantize.stored import stored_tensors
 from qformat.quantize.weights import quantize_weight
 
 __all__ = ["ModuleStats", "run_pipeline"]
@@ -154,14 +155,8 @@ def _convert_job(job: SourceJob, reader: TensorReader, writer: _WriterThread, re
     q = quantize_weight(reader.tensor(source), decision.scheme, observer=decision.observer, name=source.name)
     reader.release(source)
     result.stats[module.name] = ModuleStats(q.rel_error, q.rel_quant_error)
-    if q.bitmask is None:
-        writer.put(job.shard, f"{module.name}.weight", _bytes_of(q.values))
-    else:
-        shape = torch.tensor([[module.out_features], [module.in_features]], dtype=torch.int64)
-        writer.put(job.shard, f"{module.name}.compressed", _bytes_of(q.values))
-        writer.put(job.shard, f"{module.name}.bitmask", _bytes_of(q.bitmask))
-        writer.put(job.shard, f"{module.name}.shape", _bytes_of(shape))
-    writer.put(job.shard, f"{module.name}.weight_scale", _bytes_of(q.scales))
+    for suffix, tensor in stored_tensors(q, module.out_features, module.in_features).items():
+        writer.put(job.shard, f"{module.name}.{suffix}", _bytes_of(tensor))
 
 
 @contextmanager

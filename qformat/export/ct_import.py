@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from qformat.plan.record import environment
+from qformat.quantize.stored import sparse_shape
 from qformat._version import __version__
 from qformat.converter.files import copy_support_files
 from qformat.converter.source import resolve_source_for
@@ -84,7 +86,7 @@ def _module_data(plan: ModulePlan, ckpt: SourceCheckpoint, reader: TensorReader)
     else:
         data[f"{name}.weight"] = _dense_values(plan, ckpt, reader)
     if plan.sparse:
-        data[f"{name}.shape"] = torch.tensor([[plan.out_features], [plan.in_features]], dtype=torch.int64)
+        data[f"{name}.shape"] = sparse_shape(plan.out_features, plan.in_features)
     scale = reader.tensor(t[f"{name}.weight_scale"]).to(torch.float32).reshape(-1, 1)
     data[f"{name}.weight_scale"] = scale.expand(plan.out_features, 1).contiguous()
     if plan.scheme.has_static_input_scale:
@@ -151,9 +153,6 @@ def _parameters(plan: ImportPlan, ckpt: SourceCheckpoint) -> int:
 
 def _qformat_config(plan: ImportPlan, ckpt: SourceCheckpoint, repo_id: str | None, revision: str | None,
                     base_model: str | None, hashes: dict[str, str], nbytes: int) -> CheckpointConfig:
-    import safetensors
-    import transformers
-
     names = {m: scheme_name_for(p.scheme) for m, p in plan.modules.items()}
     counts = Counter(names.values())
     default = counts.most_common(1)[0][0]
@@ -165,8 +164,7 @@ def _qformat_config(plan: ImportPlan, ckpt: SourceCheckpoint, repo_id: str | Non
         command += ["--base-model", base_model]
     provenance = {
         "qformat_version": __version__,
-        "environment": {"torch": torch.__version__, "transformers": transformers.__version__,
-                        "safetensors": safetensors.__version__},
+        "environment": environment(),
         "source": {"repo_id": repo_id, "revision": revision, "base_model": base_model, "format": ckpt.format,
                    "parameters": _parameters(plan, ckpt), "bytes": None},
         "options": {"import": True, "revision": revision, "base_model": base_model},

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from qformat.io.paths import CACHE_SNAPSHOT
 from qformat.io.source import SourceCheckpoint
 from qformat.loaders.config import QFormatConfig
 from qformat.plan.record import ModuleError, checkpoint_block
@@ -22,19 +23,21 @@ from qformat.plan.rules import ConversionPlan
 __all__ = ["finished_config", "source_record"]
 
 
-def _hub_identity(model: nn.Module) -> tuple[str | None, str | None]:
-    """(repo id, revision) when the model was loaded from the Hub (its name is not a local folder), else Nones."""
+def _hub_identity(model: nn.Module, checkpoint: SourceCheckpoint | None) -> tuple[str | None, str | None]:
+    """(repo id, revision) when the model was loaded from the Hub (its name is not a local folder), else Nones.
+    The revision is the commit of the cache snapshot the weights were read from (or the config's `_commit_hash`)."""
     config = getattr(model, "config", None)
     name = str(getattr(config, "_name_or_path", "") or "")
     if not name or Path(name).exists():
         return None, None
-    return name, getattr(config, "_commit_hash", None)
+    snapshot = CACHE_SNAPSHOT.search(checkpoint.folder.as_posix()) if checkpoint is not None else None
+    return name, snapshot["rev"] if snapshot else getattr(config, "_commit_hash", None)
 
 
 def source_record(model: nn.Module, checkpoint: SourceCheckpoint | None = None) -> dict[str, Any]:
     """`provenance.source` for a model quantized in memory: its Hub repo and revision (None for a local folder or a
     model built in code), and the size of what was quantized (the checkpoint read, else the model's tensors)."""
-    repo_id, revision = _hub_identity(model)
+    repo_id, revision = _hub_identity(model, checkpoint)
     if checkpoint is not None:
         fmt, parameters, nbytes = checkpoint.format, checkpoint.numel, checkpoint.nbytes
     else:

@@ -37,7 +37,6 @@ re-shards or the unquantized tensors changed dtype.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import logging
 from pathlib import Path
@@ -54,7 +53,7 @@ from transformers.quantizers.auto import (
 from transformers.core_model_loading import ConversionOps
 from transformers.quantizers.base import HfQuantizer
 
-from qformat.errors import FormatError, OptionError, SourceError, UnsupportedModelError
+from qformat.errors import FormatError, OptionError
 from qformat.io.safetensors_format import HeaderEntry, read_header
 from qformat.loaders.config import QFormatConfig
 from qformat.loaders.on_load import OnLoadQuantization

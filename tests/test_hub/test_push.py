@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import qformat
 from qformat.testing.fakehub import FakeHub
@@ -302,3 +303,34 @@ def test_token_option_and_a_card_that_passes_check_is_kept(hub, ckpt, tmp_path):
     assert hub.files("alice/kept")["README.md"] == (folder / "README.md").read_bytes()
     assert "tok-alice" not in result.stdout + result.stderr
     assert not list((tmp_path / "hf-home").rglob("token"))  # the token was not written anywhere
+
+
+QUANTIZE_ON_LOAD_AND_PUSH = """
+import sys
+from qformat import QFormatConfig
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], revision=sys.argv[2],
+                                             quantization_config=QFormatConfig(scheme="w8a8-int8"))
+model.push_to_hub(sys.argv[3])
+"""
+
+
+def test_quantized_on_load_from_the_hub_and_pushed(hub, tiny_models, ckpt, tmp_path):
+    """from_pretrained(repo, quantization_config=QFormatConfig(...)) then push_to_hub: the uploaded checkpoint
+    verifies, records the source repo and revision, and holds exactly the tensors `qformat convert` writes."""
+    from huggingface_hub import HfApi, snapshot_download
+    from safetensors.torch import load_file
+
+    api = HfApi(endpoint=hub.url, token="tok-alice")
+    api.create_repo("alice/source-llama", exist_ok=True)
+    first = api.upload_folder(repo_id="alice/source-llama", folder_path=str(tiny_models["llama"]), commit_message="v1")
+    env = hub_env(hub, tmp_path, token="tok-alice")
+    done = subprocess.run([sys.executable, "-c", QUANTIZE_ON_LOAD_AND_PUSH, "alice/source-llama", first.oid,
+                           "alice/llama-otf"], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    local = snapshot_download("alice/llama-otf", endpoint=hub.url, token="tok-alice", cache_dir=tmp_path / "c")
+    assert qformat.verify(local).quantized_modules == 14
+    source = json.loads((Path(local) / "config.json").read_text())["quantization_config"]["provenance"]["source"]
+    assert (source["repo_id"], source["revision"]) == ("alice/source-llama", first.oid)
+    ours, converted = load_file(Path(local) / "model.safetensors"), load_file(ckpt / "model.safetensors")
+    assert sorted(ours) == sorted(converted) and all(torch.equal(ours[k], converted[k]) for k in ours)

@@ -183,3 +183,30 @@ def test_errors_are_qformat_errors_with_one_line(tiny_models):
     with pytest.raises(QFormatError) as info:
         _model_class(source).from_pretrained(source, quantization_config=QFormatConfig(ignore=["model.nope"]))
     assert "\n" not in str(info.value) and "no Linear module" in str(info.value)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("scheme", ["w8a16-int8", "w8a8-int8", "fp8-dynamic", "w8a8-int8+2:4"])
+def test_quantizing_on_the_gpu_equals_convert(tiny_models, converted, tmp_path, scheme):
+    """device_map="cuda": each weight is quantized on the GPU (no host round trip) to the converter's tensors."""
+    source = tiny_models["llama"]
+    model = _model_class(source).from_pretrained(source, device_map="cuda", dtype=torch.bfloat16,
+                                                 quantization_config=QFormatConfig(scheme=scheme))
+    module = model.model.layers[0].mlp.down_proj
+    assert isinstance(module, QuantLinear) and module.weight_scale.device.type == "cuda"
+    with torch.no_grad():
+        assert model(input_ids=torch.tensor([[1, 2, 3, 4]], device="cuda")).logits.isfinite().all()
+    model.save_pretrained(tmp_path / "saved")
+    ours, theirs = _tensors(tmp_path / "saved"), _tensors(converted("llama", scheme))
+    quantized = {n for n in theirs if n.rpartition(".")[0] + ".weight_scale" in theirs and not n.endswith(".bias")}
+    assert quantized and all(torch.equal(ours[n], theirs[n]) for n in quantized)
+
+
+@pytest.mark.cuda
+def test_quantize_in_place_on_the_gpu_equals_convert(tiny_models, converted, tmp_path):
+    source = tiny_models["llama"]
+    model = _model_class(source).from_pretrained(source).to("cuda")
+    qformat.quantize_(model, scheme="w8a8-int8")
+    assert model.model.layers[0].mlp.down_proj.weight.device.type == "cuda"
+    model.save_pretrained(tmp_path / "saved")
+    _assert_same_checkpoint(tmp_path / "saved", converted("llama", "w8a8-int8"))
