@@ -321,6 +321,10 @@ def main() -> None:
         cells += [_mb(size), _verdict(peak, mem_limit) + ("" if mem_limit is None else f" ({_mb(mem_limit)})"),
                   _verdict(secs, time_limit) + ("" if time_limit is None else f" ({time_limit:.2f} s)")]
         print("| " + " | ".join(cells) + " |")
+    failed = [r.label for r in rows if r.kind != "peer" and r.key in skips]
+    if failed:  # a peer may be missing; a qformat or plain row may not (make gpu-check relies on the exit code)
+        print("qformat rows that failed: " + "; ".join(failed))
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""`make gpu-check`: every `cuda`-marked test and the CUDA rows of benchmarks/linear.py, then one summary.
+"""`make gpu-check`: every `cuda`-marked test and the CUDA rows of benchmarks/linear.py and load_quantize.py, then one
+summary.
 
 Meant for a machine with a CUDA GPU and its own preinstalled stack (no network, no install step): run from the
 repository root with the source tree on PYTHONPATH, by whatever `python3` has torch. Each step runs in its own
@@ -33,12 +34,17 @@ ROOT = Path(__file__).resolve().parent.parent
 TOTAL_SECONDS = 450
 #: Per-step limits, each also capped by what is left of `TOTAL_SECONDS`.
 PROBE_SECONDS = 60
-TESTS_SECONDS = 270
-BENCH_SECONDS = 150
-#: The tests leave at least this much of the deadline to the benchmark.
-BENCH_RESERVE = 90
-#: Small enough for ~1 minute on one GPU: the three default shapes, four token counts.
-BENCH_ARGS = ["--device", "cuda", "--ms", "1,16,128,1024", "--seconds", "0.2"]
+TESTS_SECONDS = 240
+#: The tests leave at least this much of the deadline to the benchmarks.
+BENCH_RESERVE = 150
+#: (script, arguments, seconds): each small enough for about a minute on one GPU. linear.py: the three default
+#: shapes at four token counts; load_quantize.py: quantizing while loading with device_map="cuda" on the ~55 M model
+#: (qformat and plain rows; peers are not installed there).
+BENCHMARKS = (
+    ("benchmarks/linear.py", ["--device", "cuda", "--ms", "1,16,128,1024", "--seconds", "0.2"], 90),
+    ("benchmarks/load_quantize.py", ["--device", "cuda", "--small", "--repeat", "1", "--rows", "bf16", "qf-w8a16",
+                                     "qf-w8a8", "convert-w8a8", "pre-w8a8"], 110),
+)
 
 _PROBE = """
 import json, sys
@@ -177,9 +183,9 @@ def _run_tests(timeout: float) -> tuple[Step, list[str], bool]:
     return step, lines, ok
 
 
-def _run_bench(timeout: float) -> tuple[list[str], bool]:
-    """The linear benchmark's CUDA rows; returns summary lines (its table) and whether every qformat row ran."""
-    step = _run("bench", [sys.executable, "benchmarks/linear.py", *BENCH_ARGS], timeout, echo=False)
+def _run_bench(script: str, args: list[str], timeout: float) -> tuple[list[str], bool]:
+    """One benchmark's CUDA rows; returns summary lines (its table) and whether every qformat row ran."""
+    step = _run("bench", [sys.executable, script, *args], timeout, echo=False)
     table = [line for line in step.lines if line.startswith(("|", "torch ", "qformat rows that failed"))]
     if step.timed_out:
         head, ok = f"TIMED OUT after {step.seconds:.0f} s (limit {timeout:.0f} s); the rows it finished:", False
@@ -189,7 +195,7 @@ def _run_bench(timeout: float) -> tuple[list[str], bool]:
         head, ok = f"FAILED (exit {step.returncode}) after {step.seconds:.0f} s", False
         if not any(line.startswith("qformat rows that failed") for line in table):
             table += ["  last output:"] + [f"  {line}" for line in step.lines[-15:]]
-    return [f"benchmark (benchmarks/linear.py {' '.join(BENCH_ARGS)}): {head}"] + [f"  {line}" for line in table], ok
+    return [f"benchmark ({script} {' '.join(args)}): {head}"] + [f"  {line}" for line in table], ok
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -222,9 +228,10 @@ def main(argv: list[str] | None = None) -> int:
         summary += lines
         ok &= tests_ok
     if not args.tests_only:
-        lines, bench_ok = _run_bench(min(BENCH_SECONDS, deadline - time.monotonic()))
-        summary += lines
-        ok &= bench_ok
+        for script, bench_args, seconds in BENCHMARKS:
+            lines, bench_ok = _run_bench(script, bench_args, min(seconds, deadline - time.monotonic()))
+            summary += lines
+            ok &= bench_ok
     bar = "=" * 40
     print(f"\n{bar} gpu-check summary {bar}")
     print("\n".join(summary))
