@@ -8,10 +8,9 @@ import torch
 
 from qformat.checkpoint.reader import open_checkpoint
 from qformat.quantize.dequant import dequantize_2_4, dequantize_dense
+from qformat.spec.layout import WEIGHT_SUFFIXES
 
 __all__ = ["dequantized_state_dict"]
-
-_QUANT_SUFFIXES = ("weight", "weight_scale", "input_scale", "compressed", "bitmask", "shape")
 
 
 def dequantized_state_dict(folder: str | Path, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
@@ -25,7 +24,7 @@ def dequantized_state_dict(folder: str | Path, dtype: torch.dtype = torch.float3
     state: dict[str, torch.Tensor] = {}
     for name in ckpt.tensors:
         module, _, suffix = name.rpartition(".")
-        if module in quantized and suffix in _QUANT_SUFFIXES:
+        if module in quantized and suffix in WEIGHT_SUFFIXES:
             continue
         state[name] = ckpt.load(name)
     for module in quantized:

@@ -16,11 +16,12 @@ from qformat.io.paths import inside_root, link_root
 from qformat.io.safetensors_format import HeaderEntry, SafetensorsHeader, open_tensor_data, read_header, read_into
 from qformat.spec._typed import list_at, str_at
 from qformat.spec.config import CheckpointConfig
+from qformat.spec.layout import QUANTIZED_MARKER
 
 __all__ = ["QFormatCheckpoint", "format_errors", "open_checkpoint"]
 
 _SINGLE = "model.safetensors"
-_QUANTIZED_MARKER = ".weight_scale"
+_MARKER = "." + QUANTIZED_MARKER
 # safetensors allows dimensions up to 2**64 - 1 (in a zero-size tensor); torch sizes are signed 64-bit.
 _TORCH_MAX_DIM = 2**63 - 1
 
@@ -41,7 +42,7 @@ class QFormatCheckpoint:
     @property
     def quantized_modules(self) -> list[str]:
         """Modules that store quantized tensors (they have a `weight_scale`), in file order."""
-        return [name[: -len(_QUANTIZED_MARKER)] for name in self.tensors if name.endswith(_QUANTIZED_MARKER)]
+        return [name[: -len(_MARKER)] for name in self.tensors if name.endswith(_MARKER)]
 
     @property
     def nbytes(self) -> int:

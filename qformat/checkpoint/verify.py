@@ -26,6 +26,8 @@ from qformat.quantize.observers import SCALE_PROBLEM, fp8_has_nan, scales_valid
 from qformat.quantize.sparse24 import bitmask_problem
 from qformat.spec.layout import (
     FULL_PRECISION_DTYPES,
+    SCALE_SUFFIXES,
+    VALUE_DTYPES,
     TensorSpec,
     module_tensors,
     shape_problem,
@@ -86,10 +88,10 @@ def _check_values(ckpt: QFormatCheckpoint, specs: list[TensorSpec], qtype: str) 
     """The value rules a loader applies too (one implementation each, in qformat.quantize): scales finite and
     positive, fp8 without NaN codes, 2:4 bitmasks keeping two of every four."""
     for spec in specs:
-        if spec.name.endswith(("weight_scale", "input_scale")):
+        if spec.name.rpartition(".")[2] in SCALE_SUFFIXES:
             if not bool(scales_valid(ckpt.load(spec.name), qtype)):
                 raise _fail(spec.name, SCALE_PROBLEM)
-        elif spec.dtype == "F8_E4M3":
+        elif spec.dtype == VALUE_DTYPES["float"]:
             if bool(fp8_has_nan(ckpt.load(spec.name))):
                 raise _fail(spec.name, "holds NaN (e4m3fn bit pattern 0x7F/0xFF)")
         elif spec.name.endswith(".bitmask"):

@@ -34,7 +34,7 @@ from qformat.io.safetensors_format import iter_tensor_chunks, layout_file, open_
 from qformat.io.writer import ShardWriter, write_error, write_json
 from qformat.quantize.sparse24 import decompress_2_4
 from qformat.spec.fused import fused_groups_for, group_modules
-from qformat.spec.layout import TensorSpec
+from qformat.spec.layout import DENSE_SUFFIXES, SPARSE_SUFFIXES, TensorSpec
 from qformat.spec.schemes import Scheme
 
 __all__ = ["ExportResult", "export_compressed_tensors"]
@@ -126,7 +126,8 @@ def _module_outputs(ckpt: QFormatCheckpoint, module: str, scheme: Scheme) -> dic
     return {f"{module}.weight": values}
 
 
-_REPLACED = ("weight", "compressed", "bitmask", "shape")
+# a changed module's value tensors are rewritten; its scales are kept
+_REPLACED = DENSE_SUFFIXES + SPARSE_SUFFIXES
 _COPY_CHUNK = 8 * 2**20
 
 

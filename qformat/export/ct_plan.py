@@ -30,23 +30,23 @@ from qformat.io.source import SourceCheckpoint, SourceTensor, TensorReader
 from qformat.quantize.sparse24 import follows_2_4
 from qformat.spec.config import FallbackEntry
 from qformat.spec.fused import fused_groups_for, group_modules
-from qformat.spec.layout import FULL_PRECISION_DTYPES, shape_problem
+from qformat.spec.layout import DENSE_SUFFIXES, FULL_PRECISION_DTYPES, SPARSE_SUFFIXES, VALUE_DTYPES, shape_problem
 from qformat.spec._typed import list_at, str_at
 from qformat.spec.patterns import PatternSet
 from qformat.spec.schemes import SPARSITY_2_4, Scheme
 
 __all__ = ["ImportPlan", "ModulePlan", "plan_import", "read_ct_config"]
 
-#: Source tensors of each stored layout (besides weight_scale / input_scale / bias).
+#: Source tensors of each stored layout (besides weight_scale / input_scale / bias). compressed-tensors' dense and
+#: legacy 2:4 layouts use qformat's names (spec.layout), which is what lets the import keep their bytes.
 LAYOUT_TENSORS = {
-    "dense": ("weight",),
+    "dense": DENSE_SUFFIXES,
     "packed": ("weight_packed", "weight_shape"),
-    "bitmask": ("compressed", "bitmask", "shape"),
+    "bitmask": SPARSE_SUFFIXES,
 }
 _FORMATS = ("int-quantized", "float-quantized", "naive-quantized", "pack-quantized")
 _ZERO_POINTS = ("weight_zero_point", "input_zero_point")
 _SCALE_DTYPES = {"F32", "BF16", "F16"}
-_VALUE_DTYPE = {"int": "I8", "float": "F8_E4M3"}
 
 
 @dataclass(frozen=True)
@@ -186,7 +186,7 @@ def _dense_shapes(ckpt: SourceCheckpoint, reader: TensorReader) -> dict[str, tup
 
 
 def _check_dtype(module: str, scheme: Scheme, stored: str, parts: dict[str, SourceTensor]) -> None:
-    want = _VALUE_DTYPE[scheme.weights.type]
+    want = VALUE_DTYPES[scheme.weights.type]
     if stored == "packed":
         if parts["weight_packed"].dtype != "I32" or scheme.weights.type != "int":
             raise FormatError(f"{module}.weight_packed is {parts['weight_packed'].dtype}; 8-bit pack-quantized "

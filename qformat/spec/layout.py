@@ -14,11 +14,16 @@ from typing import Protocol
 from qformat.spec.schemes import Scheme
 
 __all__ = [
+    "DENSE_SUFFIXES",
     "DTYPE_SIZES",
     "FULL_PRECISION_DTYPES",
     "QUANTIZABLE_DTYPES",
+    "QUANTIZED_MARKER",
     "SCALE_DTYPE",
+    "SCALE_SUFFIXES",
+    "SPARSE_SUFFIXES",
     "StoredTensor",
+    "VALUE_DTYPES",
     "WEIGHT_SUFFIXES",
     "TensorSpec",
     "module_tensors",
@@ -44,8 +49,20 @@ FULL_PRECISION_DTYPES = frozenset({"F16", "BF16", "F32", "F64"})
 #: values).
 QUANTIZABLE_DTYPES = FULL_PRECISION_DTYPES | {"F8_E4M3", "F8_E5M2"}
 
-#: Every tensor-name suffix a quantized module may have (relative to the module name).
-WEIGHT_SUFFIXES = ("weight", "weight_scale", "input_scale", "compressed", "bitmask", "shape")
+#: The dtype a quantized module's values are stored in, per quantization type (`QuantArgs.type`).
+VALUE_DTYPES = {"int": "I8", "float": "F8_E4M3"}
+
+# Tensor-name suffixes (relative to the module name) of a quantized module, by role:
+#: the values of a dense module;
+DENSE_SUFFIXES = ("weight",)
+#: the values of a 2:4 module (compressed-tensors' legacy `sparse-24-bitmask` names);
+SPARSE_SUFFIXES = ("compressed", "bitmask", "shape")
+#: its scales (`input_scale` only with static activation quantization);
+SCALE_SUFFIXES = ("weight_scale", "input_scale")
+#: every one of them.
+WEIGHT_SUFFIXES = DENSE_SUFFIXES + SCALE_SUFFIXES + SPARSE_SUFFIXES
+#: The suffix every quantized module stores and no other tensor has: a module is quantized iff it stores one.
+QUANTIZED_MARKER = "weight_scale"
 
 
 @dataclass(frozen=True)
@@ -64,10 +81,6 @@ class TensorSpec:
         return n
 
 
-def _value_dtype(scheme: Scheme) -> str:
-    return "I8" if scheme.weights.type == "int" else "F8_E4M3"
-
-
 def module_tensors(module: str, scheme: Scheme, out_features: int, in_features: int) -> list[TensorSpec]:
     """The tensors a module quantized with `scheme` stores (a bias, if any, is stored unchanged and not listed).
 
@@ -75,7 +88,7 @@ def module_tensors(module: str, scheme: Scheme, out_features: int, in_features: 
     the kept values row by row, `bitmask` U8 [out, ceil(in/8)] (bit j of byte k is column 8k+j, 1 = kept) and `shape`
     I64 [2, 1] = [[out], [in]], plus `weight_scale`. A static activation scale adds `input_scale` F32 [1].
     """
-    value = _value_dtype(scheme)
+    value = VALUE_DTYPES[scheme.weights.type]
     if scheme.sparsity is None:
         tensors = [TensorSpec(f"{module}.weight", value, (out_features, in_features))]
     else:

@@ -12,6 +12,8 @@ from qformat.spec import (
     BUILTIN_SCHEMES,
     FallbackEntry,
     CheckpointConfig,
+    QuantArgs,
+    Scheme,
     first_match,
     fused_groups_for,
     group_modules,
@@ -21,6 +23,14 @@ from qformat.spec import (
     resolve_scheme_name,
     scheme_names,
     shape_problem,
+)
+from qformat.spec.layout import (
+    DENSE_SUFFIXES,
+    QUANTIZED_MARKER,
+    SCALE_SUFFIXES,
+    SPARSE_SUFFIXES,
+    VALUE_DTYPES,
+    WEIGHT_SUFFIXES,
 )
 
 
@@ -143,6 +153,23 @@ def test_layout_names_shapes_and_byte_formula():
     assert quantized_nbytes(sparse_fp8, n, k) == n * k // 2 + n * -(-k // 8) + 16 + 4 * n
     assert quantized_nbytes(BUILTIN_SCHEMES["w8a16-int8"], n, k) == n * k + 4 * n
 
+
+
+def test_suffix_roles_cover_every_stored_tensor():
+    """The suffix lists readers and exporters import name exactly the tensors `module_tensors` gives each scheme."""
+    assert sorted(WEIGHT_SUFFIXES) == sorted(DENSE_SUFFIXES + SPARSE_SUFFIXES + SCALE_SUFFIXES)
+    static = Scheme(weights=QuantArgs(type="int", strategy="channel"),
+                    input_activations=QuantArgs(type="int", strategy="tensor"))
+    seen = set()
+    for name, scheme in [(n, resolve_scheme_name(n)[1]) for n in scheme_names()] + [("static", static)]:
+        tensors = module_tensors("m", scheme, 64, 64)
+        suffixes = [t.name.removeprefix("m.") for t in tensors]
+        values = SPARSE_SUFFIXES if scheme.sparsity else DENSE_SUFFIXES
+        assert [s for s in suffixes if s not in SCALE_SUFFIXES] == list(values), name
+        assert QUANTIZED_MARKER in suffixes, name
+        assert tensors[0].dtype == VALUE_DTYPES[scheme.weights.type], name
+        seen.update(suffixes)
+    assert seen == set(WEIGHT_SUFFIXES)
 
 def test_shape_rules():
     dense, sparse = BUILTIN_SCHEMES["w8a8-int8"], resolve_scheme_name("w8a8-int8+2:4")[1]
