@@ -33,7 +33,7 @@ from qformat.io.jsonfile import load_json
 from qformat.io.safetensors_format import iter_tensor_chunks, layout_file, open_tensor_data
 from qformat.io.writer import ShardWriter, write_error, write_json
 from qformat.quantize.sparse24 import decompress_2_4
-from qformat.spec.fused import fused_groups_for, group_modules
+from qformat.spec.fused import fused_groups_for, fused_mismatch, group_modules
 from qformat.spec.layout import DENSE_SUFFIXES, SPARSE_SUFFIXES, TensorSpec
 from qformat.spec.schemes import Scheme
 
@@ -64,13 +64,14 @@ def _check_vllm(ckpt: QFormatCheckpoint, schemes: dict[str, Scheme]) -> None:
             raise OptionError(f"{name} (the output embedding) is quantized, but vLLM never quantizes its lm_head; "
                               "convert again keeping it in full precision (qformat's default) to export for vLLM")
     fallback = ckpt.qconfig.fallback_modules
-    for group in group_modules(list(structure.linears), fused_groups_for(structure.model_type)):
-        kinds = {m: ("full precision" if m in fallback else ct_format(_dense(schemes[m])) + " " +
-                     json.dumps(_dense(schemes[m]).to_dict(), sort_keys=True)) for m in group}
-        if len(set(kinds.values())) > 1:
-            listing = ", ".join(f"{m} ({k.split(' {')[0]})" for m, k in kinds.items())
-            raise OptionError(f"vLLM runs {', '.join(group)} as one fused matrix, so they need one scheme, but the "
-                              f"checkpoint has {listing}; convert again with one scheme for the whole group")
+    groups = group_modules(list(structure.linears), fused_groups_for(structure.model_type))
+    # 2:4 is written dense, so members that differ only in sparsity agree once exported
+    kinds = {m: None if m in fallback else _dense(schemes[m]) for g in groups for m in g}
+    group = fused_mismatch(groups, kinds)
+    if group is not None:
+        listing = ", ".join(f"{m} ({'full precision' if kinds[m] is None else ct_format(kinds[m])})" for m in group)
+        raise OptionError(f"vLLM runs {', '.join(group)} as one fused matrix, so they need one scheme, but the "
+                          f"checkpoint has {listing}; convert again with one scheme for the whole group")
 
 
 def _link_or_copy(src: Path, dst: Path) -> str:

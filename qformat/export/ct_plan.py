@@ -29,7 +29,7 @@ from qformat.io.jsonfile import load_json
 from qformat.io.source import SourceCheckpoint, SourceTensor, TensorReader
 from qformat.quantize.sparse24 import follows_2_4
 from qformat.spec.config import FallbackEntry
-from qformat.spec.fused import fused_groups_for, group_modules
+from qformat.spec.fused import fused_groups_for, fused_mismatch, group_modules
 from qformat.spec.layout import DENSE_SUFFIXES, FULL_PRECISION_DTYPES, SPARSE_SUFFIXES, VALUE_DTYPES, shape_problem
 from qformat.spec._typed import list_at, str_at
 from qformat.spec.patterns import PatternSet
@@ -311,13 +311,13 @@ def _decide_sparsity(modules: dict[str, ModulePlan], candidates: set[str], struc
 
 
 def _check_fused(structure: ModelStructure, modules: dict[str, ModulePlan]) -> None:
-    for group in group_modules(list(structure.linears), fused_groups_for(structure.model_type)):
-        kinds = {m: json.dumps(modules[m].scheme.to_dict(), sort_keys=True) if m in modules else "full precision"
-                 for m in group}
-        if len(set(kinds.values())) > 1:
-            listing = ", ".join(f"{m} ({'full precision' if m not in modules else 'quantized'})" for m in group)
-            raise OptionError(f"{', '.join(group)} are one fused matrix in serving engines and must share one scheme "
-                              f"in qformat, but the checkpoint stores them differently: {listing}")
+    """Refuse a fused group whose members the checkpoint stores differently (the import cannot requantize)."""
+    groups = group_modules(list(structure.linears), fused_groups_for(structure.model_type))
+    group = fused_mismatch(groups, {m: modules[m].scheme if m in modules else None for g in groups for m in g})
+    if group is not None:
+        listing = ", ".join(f"{m} ({'full precision' if m not in modules else 'quantized'})" for m in group)
+        raise OptionError(f"{', '.join(group)} are one fused matrix in serving engines and must share one scheme "
+                          f"in qformat, but the checkpoint stores them differently: {listing}")
 
 
 def plan_import(folder: Path, ckpt: SourceCheckpoint, reader: TensorReader) -> ImportPlan:

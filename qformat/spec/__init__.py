@@ -4,7 +4,13 @@ Importing this subpackage does not import torch. docs/FORMAT.md is the normative
 """
 
 from qformat.spec.config import FALLBACK_REASONS, FORMAT_VERSION, QUANT_METHOD, FallbackEntry, CheckpointConfig
-from qformat.spec.fused import DEFAULT_FUSED_GROUPS, FUSED_GROUPS_BY_MODEL_TYPE, fused_groups_for, group_modules
+from qformat.spec.fused import (
+    DEFAULT_FUSED_GROUPS,
+    FUSED_GROUPS_BY_MODEL_TYPE,
+    fused_groups_for,
+    fused_mismatch,
+    group_modules,
+)
 from qformat.spec.layout import DTYPE_SIZES, SCALE_DTYPE, TensorSpec, module_tensors, quantized_nbytes, shape_problem
 from qformat.spec.patterns import (
     MATCH_TIMEOUT_S,
@@ -44,6 +50,7 @@ __all__ = [
     "TensorSpec",
     "first_match",
     "fused_groups_for",
+    "fused_mismatch",
     "group_modules",
     "module_tensors",
     "pattern_matches",

@@ -10,9 +10,16 @@ naming conventions of the architectures transformers ships.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Hashable, Iterable, Mapping
 
-__all__ = ["DEFAULT_FUSED_GROUPS", "FUSED_GROUPS_BY_MODEL_TYPE", "FusedGroups", "fused_groups_for", "group_modules"]
+__all__ = [
+    "DEFAULT_FUSED_GROUPS",
+    "FUSED_GROUPS_BY_MODEL_TYPE",
+    "FusedGroups",
+    "fused_groups_for",
+    "fused_mismatch",
+    "group_modules",
+]
 
 FusedGroups = tuple[tuple[str, ...], ...]
 
@@ -63,3 +70,17 @@ def group_modules(module_names: Iterable[str], groups: FusedGroups) -> list[tupl
             if len(members) >= 2:
                 found.append(members)
     return found
+
+
+def fused_mismatch(groups: Iterable[tuple[str, ...]], kinds: Mapping[str, Hashable]) -> tuple[str, ...] | None:
+    """The first of `groups` (from `group_modules`) whose members differ, or None when every group agrees.
+
+    The rule (docs/FORMAT.md section 10): the members of a fused group share one scheme and one fallback status.
+    `kinds` maps every member to what must agree: its scheme (or what stands for it, such as a scheme name), None
+    for a module kept in full precision. A planner that can still choose keeps the whole group when one member is
+    kept, then refuses what is left; an importer or exporter, which cannot, refuses every mismatch.
+    """
+    for group in groups:
+        if len({kinds[m] for m in group}) > 1:
+            return group
+    return None

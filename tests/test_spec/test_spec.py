@@ -16,6 +16,7 @@ from qformat.spec import (
     Scheme,
     first_match,
     fused_groups_for,
+    fused_mismatch,
     group_modules,
     module_tensors,
     pattern_matches,
@@ -140,6 +141,16 @@ def test_fused_groups_found_by_parent_and_table():
                                                                "e.attention.self.value")]
     assert ("w1", "w3") in fused_groups_for("some-new-model")
 
+
+
+def test_fused_mismatch_names_the_first_group_whose_members_differ():
+    qkv, gate_up = ("a.q_proj", "a.k_proj", "a.v_proj"), ("b.gate_proj", "b.up_proj")
+    int8, fp8 = BUILTIN_SCHEMES["w8a8-int8"], BUILTIN_SCHEMES["fp8-dynamic"]
+    agree = {**dict.fromkeys(qkv, int8), **dict.fromkeys(gate_up, None)}
+    assert fused_mismatch([qkv, gate_up], agree) is None
+    assert fused_mismatch([qkv, gate_up], {**agree, "b.up_proj": fp8}) == gate_up  # kept next to quantized
+    assert fused_mismatch([qkv, gate_up], {**agree, "a.v_proj": fp8, "b.up_proj": fp8}) == qkv  # first one wins
+    assert fused_mismatch([qkv], {**agree, "a.k_proj": Scheme.from_dict(int8.to_dict())}) is None  # equal schemes
 
 def test_layout_names_shapes_and_byte_formula():
     dense = module_tensors("m", BUILTIN_SCHEMES["w8a8-int8"], 64, 96)
