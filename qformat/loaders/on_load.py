@@ -50,14 +50,15 @@ def _source_of(checkpoint_files: list[str] | None) -> SourceCheckpoint:
 
 
 def _skeleton(decision: ModuleDecision, linear: nn.Linear) -> QuantLinear:
-    """The planned module's `QuantLinear` on meta. A 2:4 module stores no `weight`, but transformers looks the
-    checkpoint's `weight` up in the model before it quantizes it: a meta placeholder stands in until then."""
+    """The planned module's `QuantLinear` on meta, whose `weight` is, until the quantize op replaces it, a float32
+    placeholder: transformers looks the checkpoint's `weight` up in the model before it quantizes it (a 2:4 module
+    stores none), and some versions (5.17) read the weight in the placeholder's dtype, which must therefore be one
+    that holds every stored float value exactly."""
     assert decision.scheme is not None
     module = QuantLinear(linear.in_features, linear.out_features, decision.scheme, bias=linear.bias is not None,
                          dtype=linear.weight.dtype, device="meta", scheme_name=decision.scheme_name or "")
-    if decision.scheme.sparsity is not None:
-        module.register_parameter("weight", nn.Parameter(torch.empty_like(linear.weight, device="meta"),
-                                                         requires_grad=False))
+    module._parameters["weight"] = nn.Parameter(torch.empty(linear.weight.shape, dtype=torch.float32, device="meta"),
+                                                requires_grad=False)
     return module
 
 
