@@ -141,3 +141,23 @@ def test_gpt_neox_default_keeps_embed_out_in_full_precision(converted, tmp_path)
     assert {e["module"] for e in _qconfig(folder)["fallback"]} == {"embed_out"}
     model = check_loaded(AutoModelForCausalLM, folder, "gpt-neox", tmp_path / "ref")
     assert type(model.get_output_embeddings()) is nn.Linear
+
+
+def test_quantized_tensors_of_a_renamed_module_the_config_keeps_are_refused(converted, tmp_path):
+    """The loader's check that no stored quantized tensor lands outside a QuantLinear follows transformers' renaming:
+    a Llava whose config keeps the language model's q/k/v (legacy names) while they are stored as int8 is refused,
+    naming the tensor, instead of loading int8 values into plain Linear layers."""
+    import shutil
+
+    from qformat.errors import FormatError
+
+    folder = shutil.copytree(converted("llava", "w8a8-int8"), tmp_path / "tampered")
+    config = json.loads((folder / "config.json").read_text())
+    prefix = "language_model.model.layers.0.self_attn"
+    config["quantization_config"]["fallback"] += [
+        {"module": f"{prefix}.{leaf}", "reason": "user", "detail": "", "measured": None}
+        for leaf in ("q_proj", "k_proj", "v_proj")]
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(FormatError, match=rf"{prefix}\.[qkv]_proj\.weight(_scale)?: is quantized data .* in full "
+                                          "precision"):
+        AutoModelForImageTextToText.from_pretrained(folder)
