@@ -75,7 +75,7 @@ class QFormatCheckpoint:
         """
         import torch
 
-        from qformat.io.source import TORCH_DTYPES
+        from qformat.io.dtypes import TORCH_DTYPES
 
         file, entry = self.tensors[name]
         if any(d > _TORCH_MAX_DIM for d in entry.shape):

@@ -30,7 +30,8 @@ from qformat.export.packing import pack_int8
 from qformat.io.atomic import atomic_output_dir, check_output_location
 from qformat.io.index import write_weight_index
 from qformat.io.jsonfile import load_json
-from qformat.io.safetensors_format import iter_tensor_chunks, layout_file, open_tensor_data
+from qformat.io.dtypes import tensor_bytes
+from qformat.io.safetensors_format import SHARD_METADATA, iter_tensor_chunks, layout_file, open_tensor_data
 from qformat.io.writer import ShardWriter, write_error, write_json
 from qformat.quantize.sparse24 import decompress_2_4
 from qformat.spec.fused import fused_groups_for, fused_mismatch, group_modules
@@ -38,8 +39,6 @@ from qformat.spec.layout import DENSE_SUFFIXES, SPARSE_SUFFIXES, TensorSpec
 from qformat.spec.schemes import Scheme
 
 __all__ = ["ExportResult", "export_compressed_tensors"]
-
-_SHARD_METADATA = {"format": "pt"}
 
 
 @dataclass(frozen=True)
@@ -143,7 +142,7 @@ def _write_shard(ckpt: QFormatCheckpoint, file: str, target: Path, changed: dict
     specs = [TensorSpec(e.name, e.dtype, e.shape) for e in keep]
     for module, scheme in changed.items():
         specs += _module_specs(ckpt, module, scheme)
-    writer = ShardWriter(target, layout_file(specs, _SHARD_METADATA), hashes=False)
+    writer = ShardWriter(target, layout_file(specs, SHARD_METADATA), hashes=False)
     try:
         # positional reads, not a memory map: a shard that shrinks meanwhile is one error, never a SIGBUS
         buffer = memoryview(bytearray(_COPY_CHUNK))
@@ -160,7 +159,7 @@ def _write_shard(ckpt: QFormatCheckpoint, file: str, target: Path, changed: dict
         for module, scheme in changed.items():
             for name, tensor in _module_outputs(ckpt, module, scheme).items():
                 sink = writer.sink(name)
-                sink.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
+                sink.write(tensor_bytes(tensor))
                 sink.finish()
         writer.close()
     finally:

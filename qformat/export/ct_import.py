@@ -31,8 +31,9 @@ from qformat.export.ct_plan import ImportPlan, ModulePlan, plan_import
 from qformat.export.packing import unpack_int8
 from qformat.io.atomic import atomic_output_dir
 from qformat.io.index import write_weight_index
-from qformat.io.safetensors_format import layout_file
-from qformat.io.source import SAFETENSORS_CODES, SourceCheckpoint, TensorReader
+from qformat.io.dtypes import SAFETENSORS_CODES, tensor_bytes
+from qformat.io.safetensors_format import SHARD_METADATA, layout_file
+from qformat.io.source import SourceCheckpoint, TensorReader
 from qformat.io.writer import ShardWriter, write_json
 from qformat.quantize.sparse24 import compress_2_4, decompress_2_4
 from qformat.spec.config import CheckpointConfig
@@ -43,8 +44,6 @@ from qformat.spec.schemes import scheme_name_for
 __all__ = ["ImportResult", "import_compressed_tensors"]
 
 logger = logging.getLogger(__name__)
-
-_SHARD_METADATA = {"format": "pt"}
 
 
 @dataclass(frozen=True)
@@ -94,13 +93,6 @@ def _module_data(plan: ModulePlan, ckpt: SourceCheckpoint, reader: TensorReader)
     return data
 
 
-def _bytes(value: Any) -> memoryview:
-    if isinstance(value, memoryview):
-        return value
-    flat = value.contiguous().reshape(-1)
-    return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
-
-
 def _write_shards(plan: ImportPlan, ckpt: SourceCheckpoint, reader: TensorReader,
                   folder: Path) -> tuple[dict[str, str], dict[str, str]]:
     """Write one output shard per source shard; return (tensor -> content hash, tensor -> file)."""
@@ -114,7 +106,7 @@ def _write_shards(plan: ImportPlan, ckpt: SourceCheckpoint, reader: TensorReader
         specs = [TensorSpec(t.name, t.dtype, t.shape) for t in kept]
         for m in modules:
             specs += module_tensors(m.name, m.scheme, m.out_features, m.in_features)
-        writer = ShardWriter(folder / file, layout_file(specs, _SHARD_METADATA))
+        writer = ShardWriter(folder / file, layout_file(specs, SHARD_METADATA))
         try:
             for t in kept:
                 sink = writer.sink(t.name)
@@ -130,7 +122,7 @@ def _write_shards(plan: ImportPlan, ckpt: SourceCheckpoint, reader: TensorReader
                         raise FormatError(f"{name} does not have the shape qformat stores it with "
                                           f"({entry.dtype} {list(entry.shape)}); the source is inconsistent")
                     sink = writer.sink(name)
-                    sink.write(_bytes(value))
+                    sink.write(value if isinstance(value, memoryview) else tensor_bytes(value))
                     hashes[name] = sink.finish()
             writer.close(sync=True)
         finally:

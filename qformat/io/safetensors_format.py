@@ -26,6 +26,7 @@ __all__ = [
     "MAX_HEADER_BYTES",
     "MAX_TENSORS_PER_CHECKPOINT",
     "MAX_TENSORS_PER_FILE",
+    "SHARD_METADATA",
     "FileLayout",
     "HeaderEntry",
     "SafetensorsHeader",
@@ -43,6 +44,9 @@ MAX_HEADER_BYTES = 100_000_000
 MAX_TENSORS_PER_FILE = 65_536
 #: Most tensors qformat reads from one checkpoint, all weight files (or index entries) together.
 MAX_TENSORS_PER_CHECKPOINT = 262_144
+#: The `__metadata__` of every file qformat writes (convert, import, export): transformers' torch save writes it,
+#: and older loaders refuse a file without {"format": "pt"}.
+SHARD_METADATA = {"format": "pt"}
 
 # serde_json, which parses safetensors headers, refuses a 128th level of nested objects and lists.
 _MAX_JSON_DEPTH = 127

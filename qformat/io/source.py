@@ -19,20 +19,12 @@ from pathlib import Path
 import torch
 
 from qformat.errors import CorruptCheckpointError, SourceError
+from qformat.io.dtypes import SAFETENSORS_CODES, TORCH_DTYPES, tensor_bytes
 from qformat.io.index import read_weight_index
 from qformat.io.paths import inside_root, link_root
 from qformat.io.safetensors_format import HeaderEntry, read_header
 
-__all__ = ["SAFETENSORS_CODES", "TORCH_DTYPES", "WEIGHT_FILE_SUFFIXES", "SourceCheckpoint", "SourceTensor", "TensorReader"]
-
-#: safetensors dtype code -> torch dtype, for every code torch can hold.
-TORCH_DTYPES: dict[str, torch.dtype] = {
-    "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2, "I16": torch.int16, "U16": torch.uint16, "F16": torch.float16,
-    "BF16": torch.bfloat16, "I32": torch.int32, "U32": torch.uint32, "F32": torch.float32, "F64": torch.float64,
-    "I64": torch.int64, "U64": torch.uint64,
-}  # fmt: skip
-SAFETENSORS_CODES: dict[torch.dtype, str] = {v: k for k, v in TORCH_DTYPES.items()}
+__all__ = ["WEIGHT_FILE_SUFFIXES", "SourceCheckpoint", "SourceTensor", "TensorReader"]
 
 #: Files that hold weights in some framework's format; they are never copied into a qformat checkpoint.
 WEIGHT_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".onnx_data",
@@ -240,8 +232,7 @@ class TensorReader:
     def raw(self, tensor: SourceTensor) -> memoryview:
         """The tensor's bytes as stored (little-endian, row-major), without copying where possible."""
         if self._ckpt.format == "bin":
-            t = self.tensor(tensor).contiguous().reshape(-1)
-            return memoryview(t.view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
+            return tensor_bytes(self.tensor(tensor))
         mm, start, end = self._range(tensor)
         return memoryview(mm)[start:end]
 

@@ -15,9 +15,10 @@ from safetensors.torch import save_file
 
 from qformat.errors import CorruptCheckpointError, OutputError, WriteError
 from qformat.io import ShardWriter, atomic_output_dir, check_output_location, layout_file, read_header
-from qformat.io.source import SAFETENSORS_CODES
+from qformat.io.dtypes import SAFETENSORS_CODES, TORCH_DTYPES, tensor_bytes
+from qformat.io.safetensors_format import SHARD_METADATA
 from qformat.io.writer import write_error
-from qformat.spec.layout import TensorSpec
+from qformat.spec.layout import DTYPE_SIZES, TensorSpec
 
 DTYPES = [torch.int8, torch.uint8, torch.int64, torch.float32, torch.bfloat16, torch.float16, torch.float8_e4m3fn,
           torch.int32, torch.float64, torch.bool]
@@ -37,10 +38,10 @@ def _tensors(seed: int) -> dict[str, torch.Tensor]:
 
 def _stream(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     specs = [TensorSpec(k, SAFETENSORS_CODES[v.dtype], tuple(v.shape)) for k, v in tensors.items()]
-    writer = ShardWriter(path, layout_file(specs, {"format": "pt"}))
+    writer = ShardWriter(path, layout_file(specs, SHARD_METADATA))
     for name in reversed(list(tensors)):  # any order: each tensor goes to its own offset
         sink = writer.sink(name)
-        sink.write(tensors[name].contiguous().reshape(-1).view(torch.uint8).numpy())
+        sink.write(tensor_bytes(tensors[name]))
         sink.finish()
     writer.close()
 
@@ -48,13 +49,28 @@ def _stream(path: Path, tensors: dict[str, torch.Tensor]) -> None:
 @pytest.mark.parametrize("seed", range(3))
 def test_streamed_file_is_byte_identical_to_safetensors(tmp_path, seed):
     tensors = _tensors(seed)
-    save_file(tensors, tmp_path / "ref.safetensors", metadata={"format": "pt"})
+    save_file(tensors, tmp_path / "ref.safetensors", metadata={"format": "pt"})  # what transformers writes
     _stream(tmp_path / "ours.safetensors", tensors)
     assert (tmp_path / "ours.safetensors").read_bytes() == (tmp_path / "ref.safetensors").read_bytes()
     with safe_open(tmp_path / "ours.safetensors", framework="pt") as fh:
         for name, t in tensors.items():
             assert torch.equal(fh.get_tensor(name).view(torch.uint8), t.view(torch.uint8))
 
+
+
+def test_torch_dtypes_cover_every_format_dtype_with_its_size():
+    assert set(TORCH_DTYPES) == set(DTYPE_SIZES)
+    for code, dtype in TORCH_DTYPES.items():
+        assert dtype.itemsize == DTYPE_SIZES[code], code
+        assert SAFETENSORS_CODES[dtype] == code
+
+
+def test_tensor_bytes_are_the_row_major_bytes_of_any_tensor():
+    t = torch.arange(12, dtype=torch.int16).reshape(3, 4)
+    assert bytes(tensor_bytes(t)) == t.numpy().tobytes()
+    assert bytes(tensor_bytes(t.t())) == t.t().contiguous().numpy().tobytes()  # a non-contiguous view is copied
+    assert bytes(tensor_bytes(torch.empty(0, 5, dtype=torch.float8_e4m3fn))) == b""
+    assert bytes(tensor_bytes(torch.ones(2, requires_grad=True))) == torch.ones(2).numpy().tobytes()
 
 def test_writer_refuses_an_incomplete_tensor(tmp_path):
     writer = ShardWriter(tmp_path / "x.safetensors", layout_file([TensorSpec("a", "F32", (4,))]))
