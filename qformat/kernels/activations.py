@@ -15,10 +15,9 @@ from __future__ import annotations
 import torch
 
 from qformat.quantize.observers import MIN_SCALE, QMAX
+from qformat.quantize.weights import VALUE_DTYPES
 
-__all__ = ["QMAX", "fake_quantize", "per_tensor_scales", "quantize_per_tensor", "quantize_per_token"]
-
-_DTYPES = {"int": torch.int8, "float": torch.float8_e4m3fn}
+__all__ = ["fake_quantize", "per_tensor_scales", "quantize_per_tensor", "quantize_per_token"]
 
 
 def _store(xf: torch.Tensor, qtype: str) -> torch.Tensor:
@@ -27,7 +26,7 @@ def _store(xf: torch.Tensor, qtype: str) -> torch.Tensor:
     xf.clamp_(-qmax, qmax)
     if qtype == "int":
         xf.round_()
-    return xf.to(_DTYPES[qtype])
+    return xf.to(VALUE_DTYPES[qtype])
 
 
 def _row_absmax(x: torch.Tensor) -> torch.Tensor:
@@ -49,8 +48,8 @@ def quantize_per_token(x: torch.Tensor, qtype: str) -> tuple[torch.Tensor, torch
     scale = torch.where(scale == 0, 1.0, scale.clamp_min(MIN_SCALE))  # zero rule; NaN fails == 0 and stays NaN
     xf = x.to(torch.float32, copy=True).div_(scale)
     if qtype == "int":
-        return xf.round_().to(torch.int8), scale
-    return xf.to(torch.float8_e4m3fn), scale
+        xf.round_()
+    return xf.to(VALUE_DTYPES[qtype]), scale
 
 
 def per_tensor_scales(x: torch.Tensor, input_scale: torch.Tensor) -> torch.Tensor:

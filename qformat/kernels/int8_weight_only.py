@@ -24,6 +24,7 @@ import torch
 
 from qformat.kernels._trace import record_path
 from qformat.kernels.activations import quantize_per_token
+from qformat.quantize.dequant import dequantize_dense
 
 __all__ = [
     "INT8PACK_MAX_TOKENS",
@@ -47,7 +48,7 @@ _OP = "int8_weight_only"
 def int8_weight_only_reference(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
                                bias: torch.Tensor | None) -> torch.Tensor:
     """fp32 reference: (x @ (q * s)^T + b), returned in x's dtype."""
-    w = weight.to(torch.float32) * scale.to(torch.float32).reshape(-1, 1)
+    w = dequantize_dense(weight, scale)
     y = x.to(torch.float32) @ w.t()
     if bias is not None:
         y = y + bias.to(torch.float32)

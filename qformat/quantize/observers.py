@@ -25,6 +25,7 @@ __all__ = [
     "MseParams",
     "absmax_scales",
     "fp8_has_nan",
+    "fp8_to_float",
     "fp8_to_float32",
     "mse_scales",
     "quantize_block_",
@@ -62,20 +63,33 @@ class MseParams:
 DEFAULT_MSE = MseParams()
 
 
-# e4m3fn -> fp32 through a 256-entry table: 2.5x faster than the cast on CPU (torch 2.13, cpu-kernels.md).
-_FP8_VALUES = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).to(torch.float32)
+# e4m3fn -> float through a 256-entry table per target dtype: `index_select` is 2.5x faster than the cast to fp32
+# and 1.6x faster than the cast to bf16 on CPU (torch 2.13, cpu-kernels.md); advanced indexing is no faster than
+# the cast.
+_FP8_CODES = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn)
+_FP8_TABLES: dict[torch.dtype, torch.Tensor] = {torch.float32: _FP8_CODES.to(torch.float32)}
 
 
-def fp8_to_float32(values: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """Write the fp32 value of every e4m3fn element of `values` into `out` (same shape) and return `out`.
+def fp8_to_float(values: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The e4m3fn elements of `values` as `dtype` (same shape), written into `out` when it is given.
 
     The table is a CPU speed-up only; on other devices the cast, whose values the table holds, stays on the device.
     """
     if values.device.type != "cpu":
-        return out.copy_(values)
+        return values.to(dtype) if out is None else out.copy_(values)
+    table = _FP8_TABLES.get(dtype)
+    if table is None:
+        table = _FP8_TABLES[dtype] = _FP8_CODES.to(dtype)
     index = values.reshape(-1).view(torch.uint8).to(torch.int32)
-    torch.index_select(_FP8_VALUES, 0, index, out=out.view(-1))
+    if out is None:
+        return torch.index_select(table, 0, index).view(values.shape)
+    torch.index_select(table, 0, index, out=out.view(-1))
     return out
+
+
+def fp8_to_float32(values: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Write the fp32 value of every e4m3fn element of `values` into `out` (same shape) and return `out`."""
+    return fp8_to_float(values, torch.float32, out)
 
 
 def _positive(scales: torch.Tensor) -> torch.Tensor:

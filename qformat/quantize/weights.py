@@ -17,8 +17,10 @@ from dataclasses import dataclass
 import torch
 
 from qformat.errors import NonFiniteWeightError
+from qformat.io.dtypes import TORCH_DTYPES
 from qformat.quantize.observers import DEFAULT_MSE, MseParams, absmax_scales, mse_scales, quantize_block_
 from qformat.quantize.sparse24 import select_2_4
+from qformat.spec import layout
 from qformat.spec.schemes import Scheme
 
 __all__ = ["BLOCK_ELEMENTS", "VALUE_DTYPES", "QuantizedWeight", "quantize_weight"]
@@ -27,7 +29,8 @@ __all__ = ["BLOCK_ELEMENTS", "VALUE_DTYPES", "QuantizedWeight", "quantize_weight
 #: often; 1M elements measured fastest on the 2-core CI machine (docs/benchmarks.md).
 BLOCK_ELEMENTS = 1 << 20
 
-VALUE_DTYPES = {"int": torch.int8, "float": torch.float8_e4m3fn}
+#: The torch dtype of stored values per quantization type (`spec.layout.VALUE_DTYPES`: int8, float8_e4m3fn).
+VALUE_DTYPES: dict[str, torch.dtype] = {qtype: TORCH_DTYPES[code] for qtype, code in layout.VALUE_DTYPES.items()}
 
 
 @dataclass

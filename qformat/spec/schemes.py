@@ -57,11 +57,6 @@ class QuantArgs:
             raise FormatError("per-tensor activation quantization must be static (dynamic false): format v1 has "
                               "dynamic per-token or static per-tensor activation scales")
 
-    @property
-    def torch_dtype_name(self) -> str:
-        """The storage dtype name: "int8" or "float8_e4m3fn"."""
-        return "int8" if self.type == "int" else "float8_e4m3fn"
-
     def to_dict(self) -> dict[str, Any]:
         return {
             "type": self.type,

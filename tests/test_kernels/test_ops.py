@@ -172,3 +172,15 @@ def test_cuda_paths_are_the_fast_ones():
         with trace_paths() as log:
             Fp8Linear(wf, sf, bf.bfloat16(), dynamic=True)(x)
         assert log == [("fp8", "cuda_scaled_mm")]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_fp8_upcast_table_matches_the_cast_for_all_256_codes(dtype):
+    """The fp8 kernel upcasts through the quantize package's table (one table for the weight math and the kernels)."""
+    from qformat.quantize.observers import fp8_to_float
+
+    codes = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).reshape(16, 16)
+    ours, ref = fp8_to_float(codes, dtype), codes.to(dtype)
+    assert ours.shape == ref.shape and ours.dtype == dtype
+    assert torch.equal(torch.isnan(ours), torch.isnan(ref))
+    assert torch.equal(ours[~torch.isnan(ref)], ref[~torch.isnan(ref)])
