@@ -15,8 +15,8 @@ from pathlib import Path
 
 from qformat.cards.facts import CardFacts, card_facts, original_start, split_source_card
 from qformat.cards.markdown import fenced
-from qformat.cards.render import _WORDS, _tags, free_text
-from qformat.checkpoint.inspect import _human
+from qformat.cards.render import card_tags, free_text, weight_words
+from qformat.checkpoint.inspect import human_bytes
 from qformat.io.jsonfile import read_text
 
 __all__ = ["check_card"]
@@ -85,7 +85,7 @@ def check_card(folder: str | Path, text: str | None = None) -> list[str]:
     if f.base_model_id and meta.get("base_model_relation") != "quantized":
         problems.append(f"base_model_relation is {_shown(meta.get('base_model_relation'))}, not 'quantized'")
     tags = meta.get("tags") if isinstance(meta.get("tags"), list) else []
-    missing_tags = [t for t in _tags(f) if t not in tags]
+    missing_tags = [t for t in card_tags(f) if t not in tags]
     if missing_tags:
         problems.append(f"tags lack {', '.join(missing_tags)}")
     own = _own_text(text)
@@ -93,15 +93,14 @@ def check_card(folder: str | Path, text: str | None = None) -> list[str]:
     allowed = _allowed_words(f)
     for word in dict.fromkeys(m.group(1).lower() for m in _DTYPE_WORD.finditer(prose)):
         if word not in allowed:
-            weights = "/".join(_WORDS[t] for t in sorted(f.weight_types))
-            problems.append(f"says {word.upper()}, but the weights are {weights}")
+            problems.append(f"says {word.upper()}, but the weights are {weight_words(f)}")
     valid_counts = {(f.quantized_modules, f.linear_modules), (len(f.fallback), f.linear_modules)}
     for match in _COUNT.finditer(prose):
         pair = (int(match.group(1)), int(match.group(2)))
         if pair not in valid_counts:
             problems.append(f"says '{match.group(0)}', but {f.quantized_modules} of {f.linear_modules} Linear "
                             f"modules are quantized and {len(f.fallback)} kept in full precision")
-    expected_sizes = (_human(f.source_bytes), _human(f.checkpoint_bytes))
+    expected_sizes = (human_bytes(f.source_bytes), human_bytes(f.checkpoint_bytes))
     for match in _SIZE_ROW.finditer(own):
         if (match.group(1), match.group(2)) != expected_sizes:
             problems.append(f"size table says {match.group(1)} -> {match.group(2)}, the checkpoint is "

@@ -8,7 +8,7 @@ from typing import Any
 
 from qformat.cards.facts import MARKER, ORIGINAL_END, ORIGINAL_START, card_facts
 from qformat.cards.markdown import code, text
-from qformat.cards.render import (DEFAULT_REPO_ID, _tags, base_model_link, card_metadata, demote_headings,
+from qformat.cards.render import (DEFAULT_REPO_ID, base_model_link, card_metadata, card_tags, demote_headings,
                                   display_name, template_environment)
 
 __all__ = ["render_export_card"]
@@ -30,7 +30,7 @@ def render_export_card(folder: str | Path, quant_config: dict[str, Any], densifi
     f = card_facts(folder)
     repo = repo_id or DEFAULT_REPO_ID
     meta = card_metadata(f, repo)
-    meta.tags = [t for t in _tags(f) if t not in ("qformat", "2:4", "sparsity")] + ["compressed-tensors", "vllm"]
+    meta.tags = [t for t in card_tags(f) if t not in ("qformat", "2:4", "sparsity")] + ["compressed-tensors", "vllm"]
     groups = [{"name": name, "format": g["format"], "weights": _args(g["weights"]),
                "activations": _args(g["input_activations"]), "count": len(g["targets"])}
               for name, g in quant_config["config_groups"].items()]

@@ -17,15 +17,16 @@ from qformat._version import DISTRIBUTION
 from qformat.cards import markdown
 from qformat.cards.facts import MARKER, ORIGINAL_END, ORIGINAL_START, CardFacts, card_facts
 from qformat.cards.markdown import code, demote_headings, text
-from qformat.checkpoint.inspect import _human
+from qformat.checkpoint.inspect import human_bytes
 
-__all__ = ["DEFAULT_REPO_ID", "base_model_link", "card_metadata", "demote_headings", "display_name", "free_text",
-           "render_card", "template_environment", "write_card"]
+__all__ = ["DEFAULT_REPO_ID", "WEIGHT_WORDS", "base_model_link", "card_metadata", "card_tags", "demote_headings",
+           "display_name", "free_text", "render_card", "template_environment", "weight_words", "write_card"]
 
 #: What the usage snippet loads when no repo id is given (`qformat push` passes the real one).
 DEFAULT_REPO_ID = "path/to/this/checkpoint"
 
-_WORDS = {"int": "INT8", "float": "FP8"}
+#: How cards name each value type (`QuantArgs.type`).
+WEIGHT_WORDS = {"int": "INT8", "float": "FP8"}
 
 
 def template_environment() -> Any:  # -> jinja2.Environment
@@ -62,9 +63,15 @@ def free_text(f: CardFacts) -> list[str]:
     return [text(v) for v in values if v]
 
 
-def _tags(f: CardFacts) -> list[str]:
+def weight_words(f: CardFacts) -> str:
+    """The checkpoint's value types as a card words them: "INT8", "FP8" or "FP8/INT8"."""
+    return "/".join(WEIGHT_WORDS[t] for t in sorted(f.weight_types))
+
+
+def card_tags(f: CardFacts) -> list[str]:
+    """The card's Hub tags: qformat, quantized, the value types, the schemes and 2:4 where used."""
     tags = ["qformat", "quantized"]
-    tags += [w.lower() for t, w in _WORDS.items() if t in f.weight_types]
+    tags += [w.lower() for t, w in WEIGHT_WORDS.items() if t in f.weight_types]
     tags += sorted(name.replace("+2:4", "") for name in f.schemes)
     if f.sparse:
         tags += ["2:4", "sparsity"]
@@ -86,7 +93,7 @@ def card_metadata(f: CardFacts, repo_id: str = DEFAULT_REPO_ID) -> Any:  # -> hu
             continue  # an entry without the fields model-index needs stays in the body table only
     data: dict[str, Any] = {
         "library_name": "transformers",
-        "tags": _tags(f),
+        "tags": card_tags(f),
         "license": f.license,
         "pipeline_tag": f.pipeline_tag,
     }
@@ -100,8 +107,7 @@ def card_metadata(f: CardFacts, repo_id: str = DEFAULT_REPO_ID) -> Any:  # -> hu
 
 
 def _title(f: CardFacts) -> str:
-    words = "/".join(_WORDS[t] for t in sorted(f.weight_types))
-    return f"{display_name(f)} — {words}{' 2:4-sparse' if f.sparse else ''} (qformat)"
+    return f"{display_name(f)} — {weight_words(f)}{' 2:4-sparse' if f.sparse else ''} (qformat)"
 
 
 def _optimizations(f: CardFacts) -> list[str]:
@@ -169,7 +175,7 @@ def render_card(folder: str | Path, *, repo_id: str | None = None) -> str:
     else:
         error = "not recorded"
     summary = (f"{code(f.base_model) if f.base_model else 'This model'} with {f.quantized_modules} of its "
-               f"{f.linear_modules} Linear modules quantized to {'/'.join(_WORDS[t] for t in sorted(f.weight_types))} "
+               f"{f.linear_modules} Linear modules quantized to {weight_words(f)} "
                f"by qformat, stored as a qformat v{f.format_version} checkpoint.")
     return template_environment().from_string(template).render(
         card_data=card_metadata(f, repo).to_yaml(),
@@ -181,14 +187,14 @@ def render_card(folder: str | Path, *, repo_id: str | None = None) -> str:
         base_model_link=base_model_link(f),
         distribution=DISTRIBUTION,
         optimizations=_optimizations(f),
-        source_size=_human(f.source_bytes),
-        quantized_size=_human(f.checkpoint_bytes),
+        source_size=human_bytes(f.source_bytes),
+        quantized_size=human_bytes(f.checkpoint_bytes),
         ratio=ratio,
         error_line=error,
         error_measured=f.mean_rel_error is not None,
         evaluation_rows=_evaluation_rows(f),
         repo_id=repo,
-        kernel_words="/".join(_WORDS[t] for t in sorted(f.weight_types)),
+        kernel_words=weight_words(f),
         environment="".join(f", {text(name)} {text(version)}" for name, version in f.environment.items()),
         limitations=_limitations(f),
         original=demote_headings(f.source_card.body) if f.source_card.body else "",

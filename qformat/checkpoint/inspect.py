@@ -11,7 +11,7 @@ from typing import Any
 from qformat.checkpoint.reader import open_checkpoint
 from qformat.spec.schemes import Scheme
 
-__all__ = ["CheckpointSummary", "describe_scheme", "inspect"]
+__all__ = ["CheckpointSummary", "describe_scheme", "human_bytes", "inspect"]
 
 
 def describe_scheme(scheme: Scheme) -> str:
@@ -30,7 +30,7 @@ def describe_scheme(scheme: Scheme) -> str:
     return ", ".join(parts)
 
 
-def _human(n: int | None) -> str:
+def human_bytes(n: int | None) -> str:
     """Bytes in decimal units, as the Hub shows file sizes: 90.9 MB."""
     if n is None:
         return "unknown"
@@ -42,6 +42,9 @@ def _human(n: int | None) -> str:
         if value < 1000:
             break
     return f"{value:.1f} {unit}"
+
+
+_human = human_bytes  # the old private name, still imported by tests/test_cards
 
 
 @dataclass(frozen=True)
@@ -88,7 +91,7 @@ class CheckpointSummary:
         if len(self.fallback) > 10:
             add(f"                    ... and {len(self.fallback) - 10} more (--json lists all)")
         ratio = f" ({self.ratio:.2f}x smaller)" if self.ratio else ""
-        add(f"  size              {_human(self.source_bytes)} -> {_human(self.checkpoint_bytes)}{ratio}")
+        add(f"  size              {human_bytes(self.source_bytes)} -> {human_bytes(self.checkpoint_bytes)}{ratio}")
         if self.mean_rel_error is not None:
             add(f"  weight error      mean {self.mean_rel_error:.4g}, max {self.max_rel_error:.4g} "
                 "(relative Frobenius, per module)")
