@@ -30,9 +30,8 @@ def dequantized_state_dict(folder: str | Path, dtype: torch.dtype = torch.float3
     for module in quantized:
         scale = ckpt.load(f"{module}.weight_scale")
         if f"{module}.compressed" in ckpt.tensors:
-            in_features = int(ckpt.load(f"{module}.shape").reshape(-1)[1])
             weight = dequantize_2_4(ckpt.load(f"{module}.compressed"), ckpt.load(f"{module}.bitmask"), scale,
-                                    in_features, dtype)
+                                    ckpt.weight_shape(module)[1], dtype)
         else:
             weight = dequantize_dense(ckpt.load(f"{module}.weight"), scale, dtype)
         state[f"{module}.weight"] = weight

@@ -52,6 +52,14 @@ class QFormatCheckpoint:
         found = self.tensors.get(name)
         return None if found is None else found[1]
 
+    def weight_shape(self, module: str) -> tuple[int, ...]:
+        """The dense shape of quantized `module`, [out, in] in a checkpoint that verifies: its `weight`'s, or what a
+        2:4 module's `shape` tensor records (it stores no `weight`)."""
+        entry = self.entry(f"{module}.weight")
+        if entry is not None:
+            return entry.shape
+        return tuple(int(v) for v in self.load(f"{module}.shape").reshape(-1).tolist())
+
     def structure(self):  # -> qformat.models.structure.ModelStructure
         """The model's Linear modules (built on the meta device from config.json), with each quantized module's
         dense shape; raises `UnsupportedModelError` where the installed transformers cannot build it."""
@@ -60,7 +68,7 @@ class QFormatCheckpoint:
         shapes = {name: entry.shape for name, (_, entry) in self.tensors.items()}
         for module in self.quantized_modules:  # a 2:4 module stores no .weight: present the dense weight it means
             if f"{module}.weight" not in shapes and f"{module}.shape" in shapes:
-                shapes[f"{module}.weight"] = tuple(int(v) for v in self.load(f"{module}.shape").reshape(-1).tolist())
+                shapes[f"{module}.weight"] = self.weight_shape(module)
         quantized = set(self.quantized_modules)
         full_precision = {name: entry.dtype for name, (_, entry) in self.tensors.items()
                           if name.rpartition(".")[0] not in quantized}

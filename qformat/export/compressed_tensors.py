@@ -101,12 +101,8 @@ def _packed(scheme: Scheme) -> bool:
 
 def _module_specs(ckpt: QFormatCheckpoint, module: str, scheme: Scheme) -> list[TensorSpec]:
     """The export's tensor names, dtypes and shapes for a module that changes, known before any value is read."""
-    if scheme.sparsity is not None:
-        out_f, in_f = (int(v) for v in ckpt.load(f"{module}.shape").reshape(-1))
-        dtype = ckpt.tensors[f"{module}.compressed"][1].dtype
-    else:
-        entry = ckpt.tensors[f"{module}.weight"][1]
-        (out_f, in_f), dtype = entry.shape, entry.dtype
+    out_f, in_f = ckpt.weight_shape(module)
+    dtype = ckpt.tensors[f"{module}.compressed" if scheme.sparsity is not None else f"{module}.weight"][1].dtype
     if _packed(scheme):
         return [TensorSpec(f"{module}.weight_packed", "I32", (out_f, in_f // 4)),
                 TensorSpec(f"{module}.weight_shape", "I64", (2,))]
@@ -116,8 +112,8 @@ def _module_specs(ckpt: QFormatCheckpoint, module: str, scheme: Scheme) -> list[
 def _module_outputs(ckpt: QFormatCheckpoint, module: str, scheme: Scheme) -> dict[str, torch.Tensor]:
     """The export's tensors for a module that changes (2:4 -> dense, weight-only int8 -> packed)."""
     if scheme.sparsity is not None:
-        in_f = int(ckpt.load(f"{module}.shape").reshape(-1)[1])
-        values = decompress_2_4(ckpt.load(f"{module}.compressed"), ckpt.load(f"{module}.bitmask"), in_f)
+        values = decompress_2_4(ckpt.load(f"{module}.compressed"), ckpt.load(f"{module}.bitmask"),
+                                ckpt.weight_shape(module)[1])
     else:
         values = ckpt.load(f"{module}.weight")
     if _packed(scheme):

@@ -12,6 +12,7 @@ verified before it is renamed into place.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shlex
 from collections import Counter
@@ -136,10 +137,7 @@ def _parameters(plan: ImportPlan, ckpt: SourceCheckpoint) -> int:
     total = sum(m.out_features * m.in_features for m in plan.modules.values())
     for t in ckpt.tensors.values():
         if t.name not in replaced:
-            n = 1
-            for d in t.shape:
-                n *= d
-            total += n
+            total += math.prod(t.shape)
     return total
 
 

@@ -14,6 +14,7 @@ name, or `re:` + a regular expression applied with `re.match`; `ignore` wins ove
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -198,25 +199,18 @@ def _check_dtype(module: str, scheme: Scheme, stored: str, parts: dict[str, Sour
                           f"({want}); the checkpoint is inconsistent")
 
 
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
-
-
 def _check_scales(module: str, scheme: Scheme, parts: dict[str, SourceTensor], out_f: int,
                   reader: TensorReader) -> None:
     scale = parts.get("weight_scale")
     if scale is None:
         raise FormatError(f"{module} is quantized but has no weight_scale; the checkpoint is incomplete")
-    numel = _numel(scale.shape)
+    numel = math.prod(scale.shape)
     if scale.dtype not in _SCALE_DTYPES or numel not in (1, out_f):
         raise OptionError(f"{module}.weight_scale is {scale.dtype} {list(scale.shape)}; qformat v1 takes one scale per "
                           f"output channel ({out_f}) or one per tensor")
     if scheme.has_static_input_scale:
         act = parts.get("input_scale")
-        if act is None or act.dtype not in _SCALE_DTYPES or _numel(act.shape) != 1:
+        if act is None or act.dtype not in _SCALE_DTYPES or math.prod(act.shape) != 1:
             raise OptionError(f"{module} has static activation quantization but no single input_scale; qformat v1 "
                               "takes one static scale per tensor")
     for zp in _ZERO_POINTS:
