@@ -44,9 +44,6 @@ def human_bytes(n: int | None) -> str:
     return f"{value:.1f} {unit}"
 
 
-_human = human_bytes  # the old private name, still imported by tests/test_cards
-
-
 @dataclass(frozen=True)
 class CheckpointSummary:
     """The facts `qformat inspect` prints."""

@@ -12,20 +12,18 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from qformat.io.safetensors_format import FileLayout, layout_file
+from qformat.io.safetensors_format import SHARD_METADATA, FileLayout, layout_file
 from qformat.io.source import SourceCheckpoint, SourceTensor
 from qformat.plan.recipe import AUTO_DTYPE, DTYPES
 from qformat.plan.rules import ConversionPlan, ModuleDecision
-from qformat.spec.layout import TensorSpec, module_tensors
+from qformat.spec.layout import FULL_PRECISION_DTYPES, TensorSpec, module_tensors
 
-__all__ = ["CASTABLE_DTYPES", "CONFIG_DTYPE_KEYS", "SHARD_METADATA", "SINGLE_FILE", "OutputLayout", "SourceJob",
+__all__ = ["CASTABLE_DTYPES", "CONFIG_DTYPE_KEYS", "SINGLE_FILE", "OutputLayout", "SourceJob",
            "declare_dtype", "plan_output", "resolve_dtype"]
 
-#: The safetensors metadata of every shard; old loaders check for {"format": "pt"}.
-SHARD_METADATA = {"format": "pt"}
 SINGLE_FILE = "model.safetensors"
 #: Stored dtypes of copied tensors that `--dtype` casts; integer and bool buffers and fp8 data are copied as stored.
-CASTABLE_DTYPES = frozenset({"F16", "BF16", "F32", "F64"})
+CASTABLE_DTYPES = FULL_PRECISION_DTYPES
 #: config.json keys naming the model's dtype: transformers 5 writes `dtype`, older versions `torch_dtype`.
 CONFIG_DTYPE_KEYS = ("dtype", "torch_dtype")
 

@@ -21,7 +21,8 @@ from tqdm.auto import tqdm
 
 from qformat.converter.layout import OutputLayout, SourceJob
 from qformat.errors import OptionError
-from qformat.io.source import TORCH_DTYPES, TensorReader
+from qformat.io.dtypes import TORCH_DTYPES, tensor_bytes
+from qformat.io.source import TensorReader
 from qformat.io.writer import ShardWriter
 from qformat.quantize.stored import stored_tensors
 from qformat.quantize.weights import quantize_weight
@@ -49,11 +50,6 @@ class _Result:
 
 
 _Work = tuple[int, str, memoryview, Callable[[], None] | None, int]
-
-
-def _bytes_of(tensor: torch.Tensor) -> memoryview:
-    flat = tensor.contiguous().reshape(-1)
-    return memoryview(flat.view(torch.uint8).numpy())
 
 
 class _WriterThread(threading.Thread):
@@ -148,7 +144,7 @@ def _convert_job(job: SourceJob, reader: TensorReader, writer: _WriterThread, re
         assert job.cast is not None
         cast = _cast(job, reader, job.cast)
         reader.release(source)
-        writer.put(job.shard, source.name, _bytes_of(cast))
+        writer.put(job.shard, source.name, tensor_bytes(cast))
         return
     assert decision.scheme is not None and decision.observer is not None
     module = decision.module
@@ -156,7 +152,7 @@ def _convert_job(job: SourceJob, reader: TensorReader, writer: _WriterThread, re
     reader.release(source)
     result.stats[module.name] = ModuleStats(q.rel_error, q.rel_quant_error)
     for suffix, tensor in stored_tensors(q, module.out_features, module.in_features).items():
-        writer.put(job.shard, f"{module.name}.{suffix}", _bytes_of(tensor))
+        writer.put(job.shard, f"{module.name}.{suffix}", tensor_bytes(tensor))
 
 
 @contextmanager

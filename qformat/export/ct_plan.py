@@ -28,6 +28,7 @@ from qformat.export.ct_config import scheme_from_ct
 from qformat.export.packing import unpack_int8
 from qformat.io.jsonfile import load_json
 from qformat.io.source import SourceCheckpoint, SourceTensor, TensorReader
+from qformat.plan.rules import default_fallback
 from qformat.quantize.sparse24 import follows_2_4
 from qformat.spec.config import FallbackEntry
 from qformat.spec.fused import fused_groups_for, fused_mismatch, group_modules
@@ -259,14 +260,9 @@ def _fallback_entry(module: LinearModule, groups: _Groups, note: dict[str, Any])
     for i, entry in enumerate(notes):
         if isinstance(entry, dict) and entry.get("module") == module.name:
             return FallbackEntry.from_dict(entry, f"quantization_config.qformat.fallback[{i}]")
-    if module.tied:
-        return FallbackEntry(module=module.name, reason="default", detail="output embedding tied to the input embeddings")
-    if not module.in_checkpoint:
-        return FallbackEntry(module=module.name, reason="default",
-                             detail="not in the source checkpoint (transformers initializes it)")
-    if module.output_embedding:
-        return FallbackEntry(module=module.name, reason="default",
-                             detail="output embedding, kept in full precision by the compressed-tensors checkpoint")
+    default = default_fallback(module)
+    if default is not None:
+        return default
     where = "its ignore list" if groups.ignore.matches(module.name) else "no config group targets it"
     return FallbackEntry(module=module.name, reason="user",
                          detail=f"kept in full precision by the compressed-tensors checkpoint ({where})")

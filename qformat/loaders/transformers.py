@@ -54,6 +54,7 @@ from transformers.core_model_loading import ConversionOps
 from transformers.quantizers.base import HfQuantizer
 
 from qformat.errors import FormatError, OptionError
+from qformat.io.dtypes import tensor_bytes
 from qformat.io.safetensors_format import HeaderEntry, read_header
 from qformat.loaders.config import QFormatConfig
 from qformat.loaders.on_load import OnLoadQuantization
@@ -198,9 +199,7 @@ def _dequantize_modules(model: nn.Module, dtype: torch.dtype | None) -> nn.Modul
 
 
 def _tensor_hash(tensor: torch.Tensor) -> str:
-    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
-    data = flat.view(torch.uint8).numpy() if flat.numel() else b""
-    return "sha256:" + hashlib.sha256(data).hexdigest()
+    return "sha256:" + hashlib.sha256(tensor_bytes(tensor)).hexdigest()
 
 
 def saved_tensor_hashes(model: nn.Module) -> dict[str, str]:

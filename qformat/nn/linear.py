@@ -30,12 +30,13 @@ from qformat.quantize.observers import SCALE_PROBLEM, fp8_has_nan, scales_valid
 from qformat.quantize.sparse24 import BITMASK_NOT_2_4, bitmask_ok, bitmask_problem
 from qformat.quantize.stored import sparse_shape, stored_tensors
 from qformat.quantize.weights import VALUE_DTYPES, quantize_weight
+from qformat.spec.layout import DENSE_SUFFIXES, SCALE_SUFFIXES, SPARSE_SUFFIXES
 from qformat.spec.schemes import Scheme
 
 __all__ = ["QUANTIZED_TENSORS", "QuantLinear"]
 
 #: Parameters that hold quantized data and never change dtype.
-QUANTIZED_TENSORS = ("weight", "compressed", "bitmask", "shape", "weight_scale", "input_scale")
+QUANTIZED_TENSORS = DENSE_SUFFIXES + SPARSE_SUFFIXES + SCALE_SUFFIXES
 #: `_weight_int8pack_mm` crashes on weights that are not 16-byte aligned (measured, torch 2.13); safetensors data,
 #: which transformers hands over without copying, is only 8-byte aligned.
 _INT8PACK_ALIGNMENT = 16

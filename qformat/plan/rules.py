@@ -20,12 +20,12 @@ from qformat.plan.recipe import FULL_PRECISION, QuantRecipe
 from qformat.models.structure import LinearModule, ModelStructure
 from qformat.errors import OptionError
 from qformat.spec.config import FallbackEntry, CheckpointConfig
-from qformat.spec.fused import FusedGroups, fused_groups_for, group_modules
+from qformat.spec.fused import FusedGroups, fused_groups_for, fused_mismatch, group_modules
 from qformat.spec.layout import shape_problem
 from qformat.spec.patterns import REGEX_PREFIX, PatternSet, RuleSet, pattern_matches
 from qformat.spec.schemes import Scheme
 
-__all__ = ["ConversionPlan", "ModuleDecision", "plan_conversion"]
+__all__ = ["ConversionPlan", "ModuleDecision", "default_fallback", "plan_conversion"]
 
 logger = logging.getLogger(__name__)
 
@@ -87,24 +87,34 @@ def _check_exact_names(patterns: list[str], names: set[str], flag: str) -> None:
             )
 
 
+def default_fallback(module: LinearModule, *, exact_override: bool = False) -> FallbackEntry | None:
+    """The entry qformat's defaults keep `module` with (reason `default`), or None where they leave it to the user.
+
+    A tied output embedding and a module absent from the source checkpoint are always kept; the output embedding is
+    kept unless an exact-name override asks for it (`exact_override`). The import of a compressed-tensors checkpoint
+    words the modules it keeps with the same entries.
+    """
+    name = module.name
+    if module.tied:
+        return FallbackEntry(module=name, reason="default", detail="output embedding tied to the input embeddings")
+    if not module.in_checkpoint:
+        return FallbackEntry(module=name, reason="default",
+                             detail="not in the source checkpoint (transformers initializes it)")
+    if module.output_embedding and not exact_override:
+        return FallbackEntry(module=name, reason="default", detail="output embedding kept in full precision by default")
+    return None
+
+
 def _initial(module: LinearModule, options: QuantRecipe, overrides: RuleSet[str],
              ignore: PatternSet) -> ModuleDecision:
     name = module.name
     rule = overrides.first(name)
     exact_rule = rule is not None and rule[0] == name
-    if module.tied:
-        if exact_rule and rule[1] != FULL_PRECISION:
-            raise OptionError(
-                f"{name} is tied to the input embeddings and cannot be quantized; drop the override for it"
-            )
-        return ModuleDecision(module, fallback=FallbackEntry(
-            module=name, reason="default", detail="output embedding tied to the input embeddings"))
-    if not module.in_checkpoint:
-        return ModuleDecision(module, fallback=FallbackEntry(
-            module=name, reason="default", detail="not in the source checkpoint (transformers initializes it)"))
-    if module.output_embedding and not exact_rule:
-        return ModuleDecision(module, fallback=FallbackEntry(
-            module=name, reason="default", detail="output embedding kept in full precision by default"))
+    if module.tied and exact_rule and rule[1] != FULL_PRECISION:
+        raise OptionError(f"{name} is tied to the input embeddings and cannot be quantized; drop the override for it")
+    fallback = default_fallback(module, exact_override=exact_rule)
+    if fallback is not None:
+        return ModuleDecision(module, fallback=fallback)
     pattern = ignore.matching(name)
     if pattern is not None:
         return ModuleDecision(module, fallback=FallbackEntry(module=name, reason="user", detail=f"--ignore {pattern}"))
@@ -130,12 +140,14 @@ def _enforce_fused(decisions: dict[str, ModuleDecision], groups: list[tuple[str,
                     decisions[d.module.name] = ModuleDecision(d.module, fallback=FallbackEntry(
                         module=d.module.name, reason="fused",
                         detail=f"fused with {cause.module} ({cause.reason}), which is kept"))
-        elif not kept and len({d.scheme_name for d in members}) > 1:
-            listing = ", ".join(f"{d.module.name}={d.scheme_name}" for d in members)
-            raise OptionError(
-                f"fused modules must share one scheme (serving engines run them as one matrix), got {listing}; "
-                "make your overrides cover the whole group"
-            )
+    # every group is now all kept or all quantized: what still differs is the scheme
+    group = fused_mismatch(groups, {n: decisions[n].scheme_name for g in groups for n in g})
+    if group is not None:
+        listing = ", ".join(f"{n}={decisions[n].scheme_name}" for n in group)
+        raise OptionError(
+            f"fused modules must share one scheme (serving engines run them as one matrix), got {listing}; "
+            "make your overrides cover the whole group"
+        )
 
 
 def plan_conversion(structure: ModelStructure, options: QuantRecipe) -> ConversionPlan:

@@ -78,9 +78,9 @@ def test_fallback_list_counts_sizes_and_schemes(llama_ckpt):
 
 
 def _h(n):
-    from qformat.checkpoint.inspect import _human
+    from qformat.checkpoint.inspect import human_bytes
 
-    return _human(n)
+    return human_bytes(n)
 
 
 @pytest.mark.parametrize("edit, problem", [

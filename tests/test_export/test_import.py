@@ -104,6 +104,8 @@ def test_imported_checkpoint_is_valid_qformat_and_runs_on_kernels(imported, judg
     qc = judge.quantization_config(folder)
     assert qc["default_scheme"] == CT_CHECKPOINTS[name][2] and qc["overrides"] == []
     assert qc["fallback"][0]["module"] == "lm_head" and qc["fallback"][0]["reason"] == "default"
+    # the converter's own entry for a kept output embedding (qformat.plan.rules.default_fallback)
+    assert qc["fallback"][0]["detail"] == "output embedding kept in full precision by default"
     assert qc["provenance"]["imported_from"]["format"] == "compressed-tensors"
     assert all(m["rel_error"] is None for m in qc["statistics"]["modules"].values())
     model = AutoModelForCausalLM.from_pretrained(folder)
