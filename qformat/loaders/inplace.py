@@ -60,12 +60,13 @@ def _recipe(config: QFormatConfig | QuantRecipe | None, kwargs: dict[str, Any]) 
 
 
 def _refuse_quantized(model: nn.Module) -> None:
-    method = getattr(getattr(model, "config", None), "quantization_config", None)
-    if method is not None or any(isinstance(m, QuantLinear) for m in model.modules()):
-        quant_method = getattr(method, "quant_method", None) or (method or {}).get("quant_method", "qformat") \
-            if isinstance(method, dict) or method is not None else "qformat"
-        raise OptionError(f"this model is already quantized (quant_method {quant_method!r}); quantize_ takes a "
-                          "full-precision model: load the original weights")
+    config = getattr(getattr(model, "config", None), "quantization_config", None)
+    if config is None and not any(isinstance(m, QuantLinear) for m in model.modules()):
+        return
+    method = config.get("quant_method") if isinstance(config, dict) else getattr(config, "quant_method", None)
+    method = getattr(method, "value", method) or QUANT_METHOD  # transformers' QuantizationMethod is a str enum
+    raise OptionError(f"this model is already quantized (quant_method {str(method)!r}); quantize_ "
+                      "takes a full-precision model: load the original weights")
 
 
 def _attach(model: nn.Module, config: QFormatConfig) -> None:
