@@ -7,6 +7,7 @@ imported), and is inherited by the CLI subprocesses the tests start.
 from __future__ import annotations
 
 import atexit
+import functools
 import hashlib
 import os
 import shutil
@@ -27,6 +28,8 @@ os.environ.pop("HF_ENDPOINT", None)
 import pytest
 import torch
 
+import qformat
+
 from qformat.testing import TINY_ARCHITECTURES, save_tiny_model
 
 
@@ -45,6 +48,19 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     llava, gpt-neox, qwen2, gemma3), fp32."""
     root = tmp_path_factory.mktemp("tiny-models")
     return {arch: save_tiny_model(arch, root / arch) for arch in TINY_ARCHITECTURES}
+
+
+@pytest.fixture(scope="session")
+def converted(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory):
+    """(arch, scheme) -> the tiny model of `arch` converted to `scheme`, made once per session on first use.
+    Test modules that need other options define their own `converted`."""
+    root = tmp_path_factory.mktemp("converted")
+
+    @functools.cache
+    def get(arch: str, scheme: str) -> Path:
+        return qformat.convert(tiny_models[arch], root / f"{arch}-{scheme.replace(':', '')}", scheme=scheme).output
+
+    return get
 
 
 @pytest.fixture(scope="session")

@@ -13,12 +13,10 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
-import transformers
-from safetensors.torch import load_file
 
 import qformat
 from qformat import QFormatConfig
+from qformat.testing.judges import checkpoint_differences, model_class, quantization_block
 from qformat.testing.real_models import ModelNotInstalledError, minilm_folder, smollm2_folder
 
 
@@ -53,47 +51,17 @@ def converted(tmp_path_factory):
     return get
 
 
-def _model_class(folder: Path) -> type:
-    return getattr(transformers, json.loads((folder / "config.json").read_text())["architectures"][0])
-
-
-def _tensors(folder: Path) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for file in sorted(folder.glob("*.safetensors")):
-        out.update(load_file(file))
-    return out
-
-
-def _qc(folder: Path) -> dict:
-    return json.loads((folder / "config.json").read_text())["quantization_config"]
-
-
-def _differences(ours: Path, converted: Path) -> list[str]:
-    """Every way the two checkpoints' tensors differ: missing names, dtypes, shapes, values (with max abs diff)."""
-    a, b = _tensors(ours), _tensors(converted)
-    diffs = [f"{name}: only in {'ours' if name in a else 'converted'}" for name in sorted(a.keys() ^ b.keys())]
-    for name in sorted(a.keys() & b.keys()):
-        x, y = a[name], b[name]
-        if x.dtype != y.dtype or x.shape != y.shape:
-            diffs.append(f"{name}: {x.dtype} {tuple(x.shape)} vs {y.dtype} {tuple(y.shape)}")
-        elif not torch.equal(x, y):
-            delta = (x.double() - y.double()).abs()
-            diffs.append(f"{name}: {x.dtype}, {int((delta > 0).sum())} of {x.numel()} values differ, "
-                         f"max abs diff {float(delta.max()):.3g}")
-    return diffs
-
-
 # all-MiniLM-L6-v2's file still holds `embeddings.position_ids` (int64, [1, 512]), as old transformers versions
 # saved it. convert copies every tensor of the source it does not quantize; the loaded BertModel holds position_ids
 # as a non-persistent buffer, so save_pretrained does not write it. Pinned here, exactly: any other difference, or
 # the paths agreeing on this one, fails the test.
-KNOWN_DIFFERENCES = {"minilm": ["embeddings.position_ids: only in converted"]}
+KNOWN_DIFFERENCES = {"minilm": ["embeddings.position_ids: only in theirs"]}
 
 
 def _assert_same_checkpoint(ours: Path, converted: Path, known: list[str] | None = None) -> None:
-    diffs = _differences(ours, converted)
+    diffs = checkpoint_differences(ours, converted)
     assert diffs == (known or []), "\n".join(diffs)
-    qa, qb = _qc(ours), _qc(converted)
+    qa, qb = quantization_block(ours), quantization_block(converted)
     for key in ("format_version", "schemes", "default_scheme", "overrides", "fallback", "fused_groups"):
         assert qa[key] == qb[key], key
     assert qa["statistics"]["modules"] == qb["statistics"]["modules"]
@@ -111,18 +79,18 @@ def test_smollm2_folder_is_the_real_model(smollm2):
 def test_quantizing_while_loading_equals_convert(request, converted, tmp_path, model, scheme):
     source = request.getfixturevalue(model)
     expected = converted(source, scheme)
-    loaded = _model_class(source).from_pretrained(source, quantization_config=QFormatConfig(scheme=scheme))
+    loaded = model_class(source).from_pretrained(source, quantization_config=QFormatConfig(scheme=scheme))
     loaded.save_pretrained(tmp_path / "saved")
     del loaded
-    assert _qc(expected)["statistics"]["quantized_modules"] == (210 if model == "smollm2" else 37)
+    assert quantization_block(expected)["statistics"]["quantized_modules"] == (210 if model == "smollm2" else 37)
     _assert_same_checkpoint(tmp_path / "saved", expected, KNOWN_DIFFERENCES.get(model))
 
 
 def test_quantize_in_place_equals_convert(smollm2, converted, tmp_path):
     expected = converted(smollm2, "w8a16-int8")
-    model = _model_class(smollm2).from_pretrained(smollm2)
+    model = model_class(smollm2).from_pretrained(smollm2)
     result = qformat.quantize_(model, QFormatConfig(scheme="w8a16-int8"))
-    assert len(result.quantized) == _qc(expected)["statistics"]["quantized_modules"] == 210
-    assert [e.to_dict() for e in result.fallback] == _qc(expected)["fallback"]
+    assert len(result.quantized) == quantization_block(expected)["statistics"]["quantized_modules"] == 210
+    assert [e.to_dict() for e in result.fallback] == quantization_block(expected)["fallback"]
     model.save_pretrained(tmp_path / "saved")
     _assert_same_checkpoint(tmp_path / "saved", expected)

@@ -3,17 +3,16 @@ within the spec's bound of the source, and the fallback list is exactly the hand
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
 
 import qformat
 from qformat.spec import CheckpointConfig, quantized_nbytes
 from qformat.testing import spec_error_bound
+from qformat.testing.judges import checkpoint_tensors, quantization_block
 
 SCHEMES = ["w8a16-int8", "w8a8-int8", "fp8-dynamic", "fp8-weight-only"]
 ARCHS = ["llama", "opt", "bart", "xlm-roberta", "llava", "gpt-neox", "qwen2", "gemma3"]
@@ -36,22 +35,10 @@ LINEAR_COUNT = {"llama": 15, "opt": 15, "bart": 17, "xlm-roberta": 14, "llava": 
                 "gemma3": 15}
 
 
-def _load(folder: Path) -> dict[str, torch.Tensor]:
-    files = sorted(folder.glob("*.safetensors"))
-    out: dict[str, torch.Tensor] = {}
-    for f in files:
-        out.update(load_file(f))
-    return out
-
-
-def _qconfig(folder: Path) -> dict:
-    return json.loads((folder / "config.json").read_text())["quantization_config"]
-
-
 def check_within_bound(source: Path, output: Path) -> int:
     """Independently decode every quantized module of `output` and compare with `source`; return how many."""
-    src, out = _load(source), _load(output)
-    qc = CheckpointConfig.from_dict(_qconfig(output))
+    src, out = checkpoint_tensors(source), checkpoint_tensors(output)
+    qc = CheckpointConfig.from_dict(quantization_block(output))
     checked = 0
     for name in [k[: -len(".weight_scale")] for k in out if k.endswith(".weight_scale")]:
         scheme_name, scheme = qc.scheme_for(name)
@@ -91,7 +78,7 @@ def test_scheme_matrix(tiny_models, tmp_path, arch, scheme):
     report = qformat.verify(out)
     assert report.hashes_checked == report.tensors > 0
     assert report.linear_modules == LINEAR_COUNT[arch]
-    fallback = {(e["module"], e["reason"]) for e in _qconfig(out)["fallback"]}
+    fallback = {(e["module"], e["reason"]) for e in quantization_block(out)["fallback"]}
     assert fallback == DEFAULT_FALLBACK[arch]
     assert result.linear_modules == LINEAR_COUNT[arch]
     assert result.quantized_modules == LINEAR_COUNT[arch] - len(fallback)
@@ -103,7 +90,7 @@ def test_2_4_matrix_and_stored_bytes(tiny_models, tmp_path, arch):
     out = tmp_path / "out"
     result = qformat.convert(tiny_models[arch], out, scheme="w8a8-int8", sparsity="2:4")
     qformat.verify(out)
-    assert {(e["module"], e["reason"]) for e in _qconfig(out)["fallback"]} == DEFAULT_FALLBACK[arch]
+    assert {(e["module"], e["reason"]) for e in quantization_block(out)["fallback"]} == DEFAULT_FALLBACK[arch]
     assert check_within_bound(tiny_models[arch], out) == result.quantized_modules
     from qformat.checkpoint import open_checkpoint
 
@@ -119,7 +106,7 @@ def test_2_4_matrix_and_stored_bytes(tiny_models, tmp_path, arch):
 def test_2_4_mask_equals_an_independent_selection(tiny_llama_bf16, tmp_path):
     out = tmp_path / "out"
     qformat.convert(tiny_llama_bf16, out, scheme="fp8-weight-only+2:4", observer="absmax")
-    src, dst = _load(tiny_llama_bf16), _load(out)
+    src, dst = checkpoint_tensors(tiny_llama_bf16), checkpoint_tensors(out)
     name = "model.layers.1.mlp.down_proj"
     w = src[f"{name}.weight"].float()
     groups = w.abs().reshape(w.shape[0], -1, 4)
@@ -171,7 +158,7 @@ def test_fallback_list_with_options(tiny_models, tmp_path, arch):
     out = tmp_path / "out"
     qformat.convert(tiny_models[arch], out, scheme="w8a8-int8", **options)
     qformat.verify(out)
-    assert {(e["module"], e["reason"]) for e in _qconfig(out)["fallback"]} == expected
+    assert {(e["module"], e["reason"]) for e in quantization_block(out)["fallback"]} == expected
     check_within_bound(tiny_models[arch], out)
 
 
@@ -181,8 +168,8 @@ def test_mixed_int8_fp8_and_fallback_via_override(tiny_models, tmp_path):
                     overrides=["re:.*mlp\\..*=fp8-dynamic", "model.layers.0.self_attn.o_proj=none",
                                "model.layers.1.mlp.down_proj=w8a16-int8"])
     qformat.verify(out)
-    qc = _qconfig(out)
-    stored = {k: v for k, v in _load(out).items() if k.endswith(".weight") or k.endswith(".weight_scale")}
+    qc = quantization_block(out)
+    stored = {k: v for k, v in checkpoint_tensors(out).items() if k.endswith(".weight") or k.endswith(".weight_scale")}
     assert stored["model.layers.0.mlp.up_proj.weight"].dtype == torch.float8_e4m3fn
     assert stored["model.layers.1.mlp.down_proj.weight"].dtype == torch.int8  # exact name beats the regex
     assert stored["model.layers.0.self_attn.q_proj.weight"].dtype == torch.int8

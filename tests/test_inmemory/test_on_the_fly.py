@@ -4,13 +4,10 @@
 
 from __future__ import annotations
 
-import functools
-import json
 from pathlib import Path
 
 import pytest
 import torch
-import transformers
 from safetensors.torch import load_file
 from torch import nn
 
@@ -18,47 +15,19 @@ import qformat
 from qformat import QFormatConfig
 from qformat.errors import OptionError, QFormatError
 from qformat.nn import QuantLinear
+from qformat.testing.judges import checkpoint_differences, checkpoint_tensors, model_class, quantization_block
 
 SCHEMES = ["w8a16-int8", "w8a8-int8", "fp8-dynamic", "fp8-weight-only", "w8a8-int8+2:4"]
 ARCHS = ["llama", "opt", "bart", "xlm-roberta", "llava", "gpt-neox", "qwen2", "gemma3"]
 
 
-def _model_class(folder: Path) -> type:
-    return getattr(transformers, json.loads((folder / "config.json").read_text())["architectures"][0])
-
-
-def _tensors(folder: Path) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for file in sorted(folder.glob("*.safetensors")):
-        out.update(load_file(file))
-    return out
-
-
-def _qc(folder: Path) -> dict:
-    return json.loads((folder / "config.json").read_text())["quantization_config"]
-
-
 def _assert_same_checkpoint(ours: Path, converted: Path) -> None:
     """Tensor for tensor (names, dtypes, values) and rule for rule (schemes, overrides, fallback, fused groups)."""
-    a, b = _tensors(ours), _tensors(converted)
-    assert sorted(a) == sorted(b)
-    for name in a:
-        assert a[name].dtype == b[name].dtype and torch.equal(a[name], b[name]), name
-    qa, qb = _qc(ours), _qc(converted)
+    assert checkpoint_differences(ours, converted) == []
+    qa, qb = quantization_block(ours), quantization_block(converted)
     for key in ("format_version", "schemes", "default_scheme", "overrides", "fallback", "fused_groups"):
         assert qa[key] == qb[key], key
     assert qa["statistics"]["modules"] == qb["statistics"]["modules"]
-
-
-@pytest.fixture(scope="module")
-def converted(tiny_models, tmp_path_factory):
-    root = tmp_path_factory.mktemp("converted")
-
-    @functools.cache
-    def get(arch: str, scheme: str) -> Path:
-        return qformat.convert(tiny_models[arch], root / f"{arch}-{scheme}", scheme=scheme).output
-
-    return get
 
 
 def _inputs(arch: str) -> dict[str, torch.Tensor]:
@@ -70,9 +39,9 @@ def _inputs(arch: str) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_quantizing_while_loading_equals_convert(tiny_models, converted, tmp_path, arch, scheme):
     source = tiny_models[arch]
-    model = _model_class(source).from_pretrained(source, quantization_config=QFormatConfig(scheme=scheme))
+    model = model_class(source).from_pretrained(source, quantization_config=QFormatConfig(scheme=scheme))
     count = sum(isinstance(m, QuantLinear) for m in model.modules())
-    assert count == _qc(converted(arch, scheme))["statistics"]["quantized_modules"] > 0
+    assert count == quantization_block(converted(arch, scheme))["statistics"]["quantized_modules"] > 0
     model.save_pretrained(tmp_path / "saved")
     _assert_same_checkpoint(tmp_path / "saved", converted(arch, scheme))
 
@@ -80,9 +49,9 @@ def test_quantizing_while_loading_equals_convert(tiny_models, converted, tmp_pat
 @pytest.mark.parametrize("arch", ARCHS)
 def test_quantize_in_place_equals_convert(tiny_models, converted, tmp_path, arch):
     source = tiny_models[arch]
-    model = _model_class(source).from_pretrained(source)
+    model = model_class(source).from_pretrained(source)
     result = qformat.quantize_(model, QFormatConfig(scheme="w8a8-int8"))
-    expected = _qc(converted(arch, "w8a8-int8"))
+    expected = quantization_block(converted(arch, "w8a8-int8"))
     assert [e.to_dict() for e in result.fallback] == expected["fallback"]
     assert len(result.quantized) == expected["statistics"]["quantized_modules"]
     assert all(m.weight.is_floating_point() for m in model.modules() if type(m) is nn.Linear)
@@ -93,7 +62,7 @@ def test_quantize_in_place_equals_convert(tiny_models, converted, tmp_path, arch
 @pytest.mark.parametrize("arch", ["llama", "bart"])
 def test_saved_checkpoint_verifies_and_reloads_to_identical_logits(tiny_models, tmp_path, arch):
     source = tiny_models[arch]
-    cls = _model_class(source)
+    cls = model_class(source)
     model = cls.from_pretrained(source, quantization_config=QFormatConfig(scheme="w8a8-int8",
                                                                           overrides={"re:.*(fc2|down_proj)": "fp8-dynamic"}))
     model.save_pretrained(tmp_path / "saved")
@@ -106,11 +75,11 @@ def test_saved_checkpoint_verifies_and_reloads_to_identical_logits(tiny_models, 
 
 def test_weights_are_quantized_from_stored_values_whatever_the_load_dtype(tiny_models, converted, tmp_path):
     source = tiny_models["llama"]
-    model = _model_class(source).from_pretrained(source, dtype=torch.bfloat16,
+    model = model_class(source).from_pretrained(source, dtype=torch.bfloat16,
                                                  quantization_config=QFormatConfig(scheme="w8a16-int8"))
     assert model.model.norm.weight.dtype == torch.bfloat16 and model.lm_head.weight.dtype == torch.bfloat16
     model.save_pretrained(tmp_path / "saved")
-    ours, theirs = _tensors(tmp_path / "saved"), _tensors(converted("llama", "w8a16-int8"))
+    ours, theirs = checkpoint_tensors(tmp_path / "saved"), checkpoint_tensors(converted("llama", "w8a16-int8"))
     quantized = [n for n in theirs if n.endswith((".weight_scale", ".weight")) and theirs[n].dtype in
                  (torch.int8, torch.float32) and n.rpartition(".")[0] + ".weight_scale" in theirs]
     assert quantized and all(torch.equal(ours[n], theirs[n]) for n in quantized)
@@ -126,12 +95,12 @@ def test_weights_are_quantized_from_stored_values_whatever_the_load_dtype(tiny_m
 
 def test_dtype_option_sets_the_full_precision_dtype(tiny_models, converted):
     source = tiny_models["llama"]
-    model = _model_class(source).from_pretrained(source, quantization_config=QFormatConfig(scheme="w8a8-int8",
+    model = model_class(source).from_pretrained(source, quantization_config=QFormatConfig(scheme="w8a8-int8",
                                                                                            dtype="bfloat16"))
     assert model.model.embed_tokens.weight.dtype == torch.bfloat16
     assert model.lm_head.weight.dtype == torch.bfloat16
     assert model.model.layers[0].mlp.up_proj.weight.dtype == torch.int8
-    in_place = _model_class(source).from_pretrained(source)
+    in_place = model_class(source).from_pretrained(source)
     qformat.quantize_(in_place, scheme="w8a8-int8", dtype="bfloat16")
     assert in_place.model.norm.weight.dtype == torch.bfloat16
     assert torch.equal(in_place.model.layers[0].mlp.up_proj.weight, model.model.layers[0].mlp.up_proj.weight)
@@ -144,10 +113,10 @@ def test_rules_follow_the_converter(tiny_models, converted, tmp_path):
                    overrides={"re:.*o_proj": "w8a16-int8", "model.layers.0.self_attn.q_proj": "none"})
     out = qformat.convert(source, tmp_path / "conv", scheme=options["scheme"], ignore=options["ignore"],
                           overrides=list(options["overrides"].items())).output
-    model = _model_class(source).from_pretrained(source, quantization_config=QFormatConfig(**options))
+    model = model_class(source).from_pretrained(source, quantization_config=QFormatConfig(**options))
     model.save_pretrained(tmp_path / "otf")
     _assert_same_checkpoint(tmp_path / "otf", out)
-    fallback = {e["module"]: e["reason"] for e in _qc(out)["fallback"]}
+    fallback = {e["module"]: e["reason"] for e in quantization_block(out)["fallback"]}
     assert fallback["model.layers.0.self_attn.k_proj"] == "fused"  # q kept by the user: k and v follow
 
 
@@ -164,10 +133,10 @@ def test_a_qformat_checkpoint_is_not_quantized_again(converted):
     folder = converted("llama", "w8a8-int8")
     with pytest.raises(OptionError, match=r"already quantized with qformat \(default scheme w8a8-int8.*"
                                           r"cannot be quantized again with scheme=fp8-dynamic"):
-        _model_class(folder).from_pretrained(folder, quantization_config=QFormatConfig(scheme="fp8-dynamic"))
-    model = _model_class(folder).from_pretrained(folder, quantization_config=QFormatConfig(dequantize=True))
+        model_class(folder).from_pretrained(folder, quantization_config=QFormatConfig(scheme="fp8-dynamic"))
+    model = model_class(folder).from_pretrained(folder, quantization_config=QFormatConfig(dequantize=True))
     assert not any(isinstance(m, QuantLinear) for m in model.modules())
-    loaded = _model_class(folder).from_pretrained(folder)
+    loaded = model_class(folder).from_pretrained(folder)
     with pytest.raises(OptionError, match="already quantized"):
         qformat.quantize_(loaded, scheme="w8a8-int8")
 
@@ -175,13 +144,13 @@ def test_a_qformat_checkpoint_is_not_quantized_again(converted):
 def test_dequantize_request_on_a_plain_model_is_refused(tiny_models):
     source = tiny_models["llama"]
     with pytest.raises(OptionError, match="not one; pass QFormatConfig\\(scheme=...\\)"):
-        _model_class(source).from_pretrained(source, quantization_config=QFormatConfig(dequantize=True))
+        model_class(source).from_pretrained(source, quantization_config=QFormatConfig(dequantize=True))
 
 
 def test_errors_are_qformat_errors_with_one_line(tiny_models):
     source = tiny_models["llama"]
     with pytest.raises(QFormatError) as info:
-        _model_class(source).from_pretrained(source, quantization_config=QFormatConfig(ignore=["model.nope"]))
+        model_class(source).from_pretrained(source, quantization_config=QFormatConfig(ignore=["model.nope"]))
     assert "\n" not in str(info.value) and "no Linear module" in str(info.value)
 
 
@@ -190,14 +159,14 @@ def test_errors_are_qformat_errors_with_one_line(tiny_models):
 def test_quantizing_on_the_gpu_equals_convert(tiny_models, converted, tmp_path, scheme):
     """device_map="cuda": each weight is quantized on the GPU (no host round trip) to the converter's tensors."""
     source = tiny_models["llama"]
-    model = _model_class(source).from_pretrained(source, device_map="cuda", dtype=torch.bfloat16,
+    model = model_class(source).from_pretrained(source, device_map="cuda", dtype=torch.bfloat16,
                                                  quantization_config=QFormatConfig(scheme=scheme))
     module = model.model.layers[0].mlp.down_proj
     assert isinstance(module, QuantLinear) and module.weight_scale.device.type == "cuda"
     with torch.no_grad():
         assert model(input_ids=torch.tensor([[1, 2, 3, 4]], device="cuda")).logits.isfinite().all()
     model.save_pretrained(tmp_path / "saved")
-    ours, theirs = _tensors(tmp_path / "saved"), _tensors(converted("llama", scheme))
+    ours, theirs = checkpoint_tensors(tmp_path / "saved"), checkpoint_tensors(converted("llama", scheme))
     quantized = {n for n in theirs if n.rpartition(".")[0] + ".weight_scale" in theirs and not n.endswith(".bias")}
     assert quantized and all(torch.equal(ours[n], theirs[n]) for n in quantized)
 
@@ -205,7 +174,7 @@ def test_quantizing_on_the_gpu_equals_convert(tiny_models, converted, tmp_path, 
 @pytest.mark.cuda
 def test_quantize_in_place_on_the_gpu_equals_convert(tiny_models, converted, tmp_path):
     source = tiny_models["llama"]
-    model = _model_class(source).from_pretrained(source).to("cuda")
+    model = model_class(source).from_pretrained(source).to("cuda")
     qformat.quantize_(model, scheme="w8a8-int8")
     assert model.model.layers[0].mlp.down_proj.weight.device.type == "cuda"
     model.save_pretrained(tmp_path / "saved")

@@ -3,7 +3,6 @@ with the same activation quantization, generation, save/reload bit-exact, the de
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import subprocess
@@ -31,18 +30,6 @@ from qformat.spec import CheckpointConfig
 AUTO = {"llama": AutoModelForCausalLM, "opt": AutoModelForCausalLM, "bart": AutoModelForSeq2SeqLM,
         "xlm-roberta": AutoModelForSequenceClassification}
 SCHEMES = ["w8a16-int8", "w8a8-int8", "fp8-dynamic", "fp8-weight-only", "w8a8-int8+2:4", "w8a16-int8+2:4"]
-
-
-@pytest.fixture(scope="session")
-def converted(tiny_models, tmp_path_factory):
-    """(arch, scheme) -> a converted checkpoint, made on first use."""
-    root = tmp_path_factory.mktemp("converted")
-
-    @functools.cache
-    def get(arch: str, scheme: str) -> Path:
-        return qformat.convert(tiny_models[arch], root / f"{arch}-{scheme}", scheme=scheme).output
-
-    return get
 
 
 def _inputs(arch: str) -> dict[str, torch.Tensor]:
