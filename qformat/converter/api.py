@@ -8,13 +8,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qformat.converter.files import copy_support_files
+from qformat.io.support_files import copy_support_files
 from qformat.converter.layout import OutputLayout, declare_dtype, plan_output, resolve_dtype
 from qformat.converter.options import ConvertOptions
 from qformat.converter.pipeline import run_pipeline
 from qformat.plan.record import checkpoint_block
 from qformat.plan.rules import ConversionPlan, plan_conversion
-from qformat.converter.source import ResolvedSource, resolve_source_for
+from qformat.io.resolve import ResolvedSource, resolve_source_for
 from qformat.models.structure import analyze_structure
 from qformat.errors import CorruptCheckpointError, SourceError, UnsupportedModelError
 from qformat.io.atomic import atomic_output_dir

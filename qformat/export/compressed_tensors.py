@@ -23,7 +23,7 @@ import torch
 from qformat._version import __version__
 from qformat.checkpoint.reader import QFormatCheckpoint, format_errors, open_checkpoint
 from qformat.checkpoint.verify import verify
-from qformat.converter.files import copy_support_files
+from qformat.io.support_files import copy_support_files
 from qformat.errors import FormatError, OptionError
 from qformat.export.ct_config import ct_format, ct_quantization_config
 from qformat.export.packing import pack_int8

@@ -25,8 +25,8 @@ import torch
 from qformat.plan.record import environment
 from qformat.quantize.stored import sparse_shape
 from qformat._version import __version__
-from qformat.converter.files import copy_support_files
-from qformat.converter.source import resolve_source_for
+from qformat.io.support_files import copy_support_files
+from qformat.io.resolve import resolve_source_for
 from qformat.errors import FormatError
 from qformat.export.ct_plan import ImportPlan, ModulePlan, plan_import
 from qformat.export.packing import unpack_int8
