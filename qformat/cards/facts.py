@@ -16,9 +16,10 @@ from qformat.checkpoint.inspect import inspect
 from qformat.checkpoint.reader import open_checkpoint
 from qformat.io.jsonfile import read_text
 from qformat.spec.config import FallbackEntry
+from qformat.spec.layout import FULL_PRECISION_DTYPES, QUANTIZED_MARKER
 from qformat.spec.schemes import Scheme
 
-__all__ = ["CardFacts", "SourceCard", "card_facts", "original_start", "split_source_card", "ORIGINAL_START",
+__all__ = ["CardFacts", "SizeBreakdown", "SourceCard", "card_facts", "size_breakdown", "original_start", "split_source_card", "ORIGINAL_START",
            "ORIGINAL_END", "MARKER"]
 
 #: First line of every generated card body; `qformat card` recognises its own cards by it.
@@ -43,6 +44,40 @@ class SourceCard:
 
     metadata: dict[str, Any] = field(default_factory=dict)
     body: str = ""
+
+
+@dataclass(frozen=True)
+class SizeBreakdown:
+    """Where a checkpoint's bytes are: quantized modules, Linear modules kept in full precision, and every other
+    tensor (embeddings, norms, biases of kept modules), with the float dtypes those other tensors are stored in."""
+
+    quantized: int
+    kept_linear: int
+    other: int
+    other_dtypes: tuple[str, ...]
+
+    @property
+    def total(self) -> int:
+        return self.quantized + self.kept_linear + self.other
+
+
+def size_breakdown(checkpoint: Any) -> SizeBreakdown:
+    """`SizeBreakdown` of an opened checkpoint (`qformat.checkpoint.open_checkpoint`), from its headers alone."""
+    qc = checkpoint.qconfig
+    kept = set(qc.fallback_modules)
+    quantized = kept_linear = other = 0
+    dtypes: set[str] = set()
+    for name, (_, entry) in checkpoint.tensors.items():
+        module = name.rpartition(".")[0]
+        if module in kept:
+            kept_linear += entry.nbytes
+        elif f"{module}.{QUANTIZED_MARKER}" in checkpoint.tensors:
+            quantized += entry.nbytes
+        else:
+            other += entry.nbytes
+            if entry.dtype in FULL_PRECISION_DTYPES:
+                dtypes.add(entry.dtype)
+    return SizeBreakdown(quantized, kept_linear, other, tuple(sorted(dtypes)))
 
 
 @dataclass(frozen=True)
@@ -77,6 +112,8 @@ class CardFacts:
     source_card: SourceCard
     sentence_transformers: bool
     imported_from: str | None = None  # the source format of a `qformat import`, e.g. "compressed-tensors"
+    size: SizeBreakdown | None = None
+
 
     @property
     def weight_types(self) -> set[str]:
@@ -153,7 +190,8 @@ def _auto_class(architecture: str) -> tuple[str, str | None]:
 def card_facts(folder: str | Path) -> CardFacts:
     """Collect the card's facts from the checkpoint in `folder` (its README, if any, is the source card)."""
     folder = Path(folder)
-    qc = open_checkpoint(folder).qconfig
+    checkpoint = open_checkpoint(folder)
+    qc = checkpoint.qconfig
     summary = inspect(folder)
     readme = folder / "README.md"
     source_card = split_source_card(read_text(readme)) if readme.is_file() or readme.is_symlink() else SourceCard()
@@ -198,4 +236,5 @@ def card_facts(folder: str | Path) -> CardFacts:
         source_card=source_card,
         sentence_transformers=sentence_transformers,
         imported_from=str(imported["format"]) if isinstance(imported, dict) and imported.get("format") else None,
+        size=size_breakdown(checkpoint),
     )

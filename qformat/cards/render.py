@@ -127,6 +127,36 @@ def _optimizations(f: CardFacts) -> list[str]:
     return lines
 
 
+#: Full-precision dtypes that `qformat convert --dtype bfloat16` would halve.
+_WIDE_DTYPES = {"F32": "float32", "F64": "float64"}
+
+
+def _size_sentence(f: CardFacts) -> str:
+    """Where the checkpoint's bytes are, so the size gain is explained by what actually holds it: quantized modules,
+    kept Linear modules, and the other tensors (an fp32 tied embedding, not the one kept lm_head, is what keeps an
+    fp32 Gemma 3 270M large)."""
+    size = f.size
+    if size is None or not size.total:
+        return ""
+    def part(n: int) -> str:
+        return f"{human_bytes(n)} ({100 * n / size.total:.0f} %)"
+
+    pieces = [f"quantized Linear modules {part(size.quantized)}"]
+    if f.fallback and size.kept_linear:
+        pieces.append(f"{len(f.fallback)} Linear module(s) kept in full precision {part(size.kept_linear)}")
+    elif f.fallback:  # e.g. a tied lm_head: stored once, as the embedding
+        pieces.append(f"{len(f.fallback)} Linear module(s) kept in full precision with no tensors of their own")
+    stored = ", ".join(size.other_dtypes)
+    pieces.append(f"other tensors (embeddings, norms, biases) {part(size.other)}" + (f", stored as {stored}"
+                                                                                      if stored else ""))
+    sentence = "Of the checkpoint's " + human_bytes(size.total) + ": " + "; ".join(pieces)
+    wide = [_WIDE_DTYPES[d] for d in size.other_dtypes if d in _WIDE_DTYPES]
+    if wide and size.other >= size.total / 5:
+        sentence += (f". Those {' and '.join(wide)} tensors would take half the space with "
+                     "`qformat convert --dtype bfloat16`")
+    return sentence
+
+
 def _limitations(f: CardFacts) -> list[str]:
     measured = "the weight error above is measured, " if f.mean_rel_error is not None else ""
     lines = [f"Quantization changes the model's outputs slightly; {measured}the effect on accuracy is "
@@ -140,9 +170,9 @@ def _limitations(f: CardFacts) -> list[str]:
     elif f.sparse:
         lines.append("2:4 sparsity was applied by magnitude pruning without retraining; it costs accuracy unless the "
                      "source model was trained for it. CPUs decode it to the dense quantized weight at load")
-    if f.fallback:
-        lines.append(f"{len(f.fallback)} Linear module(s) stay in full precision (see the table), so the size gain is "
-                     "smaller than the weight dtype alone suggests")
+    size = _size_sentence(f)
+    if size:
+        lines.append(size)
     lines.append("Needs qformat to load quantized; without it transformers does not know the quantization method")
     return lines
 

@@ -133,3 +133,16 @@ def test_card_cli_writes_and_checks(llama_ckpt, tmp_path):
     readme.write_text(readme.read_text().replace("11 of 15", "12 of 15"))
     result = run("--check", str(folder))
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "12 of 15" in result.stderr
+
+
+def test_card_says_where_the_bytes_are(tiny_models, tmp_path):
+    """An fp32 model with a tied embedding shrinks little because of that embedding, not because of the one kept
+    lm_head: the card says so, and points at --dtype bfloat16, which the bfloat16 conversion no longer needs."""
+    wide = qformat.convert(tiny_models["gemma3"], tmp_path / "auto", scheme="w8a16-int8").output
+    text = render_card(wide)
+    assert "other tensors (embeddings, norms, biases)" in text and "stored as F32" in text
+    assert "half the space with `qformat convert --dtype bfloat16`" in text
+    assert "1 Linear module(s) kept in full precision with no tensors of their own" in text  # the tied lm_head
+    narrow = qformat.convert(tiny_models["gemma3"], tmp_path / "bf16", scheme="w8a16-int8", dtype="bfloat16").output
+    text = render_card(narrow)
+    assert "stored as BF16" in text and "half the space" not in text
