@@ -65,6 +65,9 @@ class QFormatConfig(QuantizationConfigMixin):
             scheme=scheme or "w8a8-int8", ignore=tuple(ignore), overrides=overrides, observer=observer,
             sparsity=sparsity, dtype=dtype)
         self._explicit = explicit
+        from qformat.loaders.transformers import register  # a request is useless unless transformers knows qformat
+
+        register()
 
     # -- role 2: a checkpoint's block -----------------------------------------------------------------------------
     @classmethod
