@@ -10,12 +10,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from qformat.io.paths import CACHE_SNAPSHOT
 from qformat.io.source import SourceCheckpoint
 from qformat.loaders.config import QFormatConfig
+from qformat.models.names import saved_state_dict
 from qformat.plan.record import ModuleError, checkpoint_block
 from qformat.plan.recipe import QuantRecipe
 from qformat.plan.rules import ConversionPlan
@@ -51,10 +51,7 @@ def source_record(model: nn.Module, checkpoint: SourceCheckpoint | None = None) 
 
 def _saved_bytes(model: nn.Module) -> int:
     """Bytes of the tensors `save_pretrained` writes (tied copies once)."""
-    from transformers.modeling_utils import remove_tied_weights_from_state_dict
-
-    state = remove_tied_weights_from_state_dict(model.state_dict(), model)
-    return sum(t.numel() * t.element_size() for t in state.values() if isinstance(t, torch.Tensor))
+    return sum(t.numel() * t.element_size() for t in saved_state_dict(model, meta=True).values())
 
 
 def finished_config(model: nn.Module, plan: ConversionPlan, recipe: QuantRecipe, source: dict[str, Any],

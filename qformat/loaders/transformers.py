@@ -58,7 +58,7 @@ from qformat.io.dtypes import tensor_bytes
 from qformat.io.safetensors_format import HeaderEntry, read_header
 from qformat.loaders.config import QFormatConfig
 from qformat.loaders.on_load import OnLoadQuantization
-from qformat.models.names import NameMap
+from qformat.models.names import NameMap, saved_state_dict
 from qformat.nn.linear import QuantLinear
 from qformat.nn.swap import replace_module
 from qformat.plan.recipe import AUTO_DTYPE
@@ -203,18 +203,8 @@ def _tensor_hash(tensor: torch.Tensor) -> str:
 
 
 def saved_tensor_hashes(model: nn.Module) -> dict[str, str]:
-    """Content hashes of the tensors `save_pretrained` writes for `model`, by checkpoint name (tied copies dropped,
-    transformers' key conversions reverted)."""
-    from transformers.modeling_utils import remove_tied_weights_from_state_dict
-
-    state = remove_tied_weights_from_state_dict(model.state_dict(), model)
-    try:
-        from transformers.core_model_loading import revert_weight_conversion
-
-        state = revert_weight_conversion(model, state)
-    except (ImportError, AttributeError):  # older transformers: no key conversions to revert
-        pass
-    return {name: _tensor_hash(t) for name, t in state.items()}
+    """Content hashes of the tensors `save_pretrained` writes for `model`, by checkpoint name."""
+    return {name: _tensor_hash(t.detach()) for name, t in saved_state_dict(model).items()}
 
 
 class _QuantizeOnLoad(ConversionOps):

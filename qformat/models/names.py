@@ -9,11 +9,11 @@ Every qformat path that goes from one to the other (convert, load, quantize in m
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 
 import torch
 
-__all__ = ["NameMap", "checkpoint_shapes"]
+__all__ = ["NameMap", "checkpoint_shapes", "saved_state_dict"]
 
 #: The suffix by which a Linear module is looked up: every Linear has a `weight` in the model.
 _WEIGHT = ".weight"
@@ -70,21 +70,29 @@ class NameMap:
         return self._rename(checkpoint_module + _WEIGHT)[0].removesuffix(_WEIGHT)
 
 
-def checkpoint_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
-    """A live model's tensors as `save_pretrained` would name them in its checkpoint (tied copies dropped,
-    transformers' load-time renamings reverted), name -> shape, in state-dict order."""
-    state: Mapping[str, torch.Tensor] = model.state_dict(keep_vars=True)
+def saved_state_dict(model: torch.nn.Module, *, meta: bool = False) -> dict[str, torch.Tensor]:
+    """The tensors `save_pretrained` writes for `model`, by checkpoint name: tied copies dropped, transformers'
+    load-time key conversions reverted. `meta=True` gives meta-device stand-ins (names, shapes and dtypes only), so
+    reverting a conversion never touches the data."""
+    state: dict[str, torch.Tensor] = dict(model.state_dict(keep_vars=True))
     try:
         from transformers.modeling_utils import remove_tied_weights_from_state_dict
 
-        state = remove_tied_weights_from_state_dict(dict(state), model)
+        state = remove_tied_weights_from_state_dict(state, model)
     except (ImportError, AttributeError, TypeError):  # not a transformers model, or an older transformers
-        state = dict(state)
+        pass
+    if meta:
+        state = {name: torch.empty(t.shape, device="meta", dtype=t.dtype) for name, t in state.items()}
     try:
         from transformers.core_model_loading import revert_weight_conversion
 
-        meta = {name: torch.empty(tensor.shape, device="meta", dtype=tensor.dtype) for name, tensor in state.items()}
-        state = revert_weight_conversion(model, meta)
+        state = revert_weight_conversion(model, state)
     except (ImportError, AttributeError):  # older transformers: no key conversions to revert
         pass
-    return {name: tuple(tensor.shape) for name, tensor in state.items()}
+    return state
+
+
+def checkpoint_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    """A live model's tensors as `save_pretrained` would name them in its checkpoint, name -> shape, in state-dict
+    order (`saved_state_dict`)."""
+    return {name: tuple(tensor.shape) for name, tensor in saved_state_dict(model, meta=True).items()}
