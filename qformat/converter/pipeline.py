@@ -24,10 +24,10 @@ from qformat.errors import OptionError
 from qformat.io.dtypes import TORCH_DTYPES, tensor_bytes
 from qformat.io.source import TensorReader
 from qformat.io.writer import ShardWriter
-from qformat.quantize.stored import stored_tensors
-from qformat.quantize.weights import quantize_weight
+from qformat.plan.execute import quantize_module
+from qformat.plan.record import WeightError
 
-__all__ = ["ModuleStats", "run_pipeline"]
+__all__ = ["run_pipeline"]
 
 #: How far ahead of the tensor being converted the source is read from disk.
 READAHEAD_BYTES = 256 * 2**20
@@ -36,17 +36,9 @@ WRITE_BUDGET_MIN = 32 * 2**20
 
 
 @dataclass
-class ModuleStats:
-    """Error statistics of one quantized module (see `QuantizedWeight`)."""
-
-    rel_error: float
-    rel_quant_error: float
-
-
-@dataclass
 class _Result:
     hashes: dict[str, str] = field(default_factory=dict)
-    stats: dict[str, ModuleStats] = field(default_factory=dict)
+    stats: dict[str, WeightError] = field(default_factory=dict)
 
 
 _Work = tuple[int, str, memoryview, Callable[[], None] | None, int]
@@ -146,12 +138,10 @@ def _convert_job(job: SourceJob, reader: TensorReader, writer: _WriterThread, re
         reader.release(source)
         writer.put(job.shard, source.name, tensor_bytes(cast))
         return
-    assert decision.scheme is not None and decision.observer is not None
     module = decision.module
-    q = quantize_weight(reader.tensor(source), decision.scheme, observer=decision.observer, name=source.name)
+    stored, result.stats[module.name] = quantize_module(reader.tensor(source), decision)
     reader.release(source)
-    result.stats[module.name] = ModuleStats(q.rel_error, q.rel_quant_error)
-    for suffix, tensor in stored_tensors(q, module.out_features, module.in_features).items():
+    for suffix, tensor in stored.items():
         writer.put(job.shard, f"{module.name}.{suffix}", tensor_bytes(tensor))
 
 

@@ -24,11 +24,10 @@ from qformat.loaders.record import finished_config, source_record
 from qformat.models.structure import structure_of
 from qformat.nn.linear import QuantLinear
 from qformat.nn.swap import replace_module
+from qformat.plan.execute import quantize_module
 from qformat.plan.record import WeightError
 from qformat.plan.recipe import AUTO_DTYPE, QuantRecipe
 from qformat.plan.rules import plan_conversion
-from qformat.quantize.stored import stored_tensors
-from qformat.quantize.weights import quantize_weight
 from qformat.spec.config import QUANT_METHOD, FallbackEntry
 
 __all__ = ["QuantizeResult", "quantize_"]
@@ -103,15 +102,13 @@ def quantize_(model: nn.Module, config: QFormatConfig | QuantRecipe | None = Non
     errors: dict[str, WeightError] = {}
     for decision in plan.quantized:
         module = decision.module
-        assert decision.scheme is not None and decision.observer is not None
+        assert decision.scheme is not None
         linear = model.get_submodule(module.module_path)
-        q = quantize_weight(linear.weight.detach(), decision.scheme, observer=decision.observer,
-                            name=module.weight_key or f"{module.name}.weight")
-        errors[module.name] = WeightError.of(q)
-        quantized = QuantLinear.from_stored(stored_tensors(q, module.out_features, module.in_features),
-                                            decision.scheme, bias=linear.bias, scheme_name=decision.scheme_name or "")
+        stored, errors[module.name] = quantize_module(linear.weight.detach(), decision)
+        quantized = QuantLinear.from_stored(stored, decision.scheme, bias=linear.bias,
+                                            scheme_name=decision.scheme_name or "")
         replace_module(model, module.module_path, quantized.prepare())
-        del q, linear
+        del stored, linear
     if recipe.dtype != AUTO_DTYPE:
         model.to(getattr(torch, recipe.dtype))
     result = finished_config(model, plan, recipe, source_record(model), errors)

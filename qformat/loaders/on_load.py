@@ -29,10 +29,9 @@ from qformat.models.structure import structure_of
 from qformat.nn.linear import QuantLinear
 from qformat.nn.swap import replace_module
 from qformat.plan.record import WeightError
+from qformat.plan.execute import quantize_module
 from qformat.plan.recipe import QuantRecipe
 from qformat.plan.rules import ConversionPlan, ModuleDecision, plan_conversion
-from qformat.quantize.stored import stored_tensors
-from qformat.quantize.weights import quantize_weight
 from qformat.spec.layout import QUANTIZABLE_DTYPES
 
 __all__ = ["OnLoadQuantization"]
@@ -108,13 +107,10 @@ class OnLoadQuantization:
         """The stored tensors of the module whose weight `tensor` is (model key `key`), on `tensor`'s device."""
         decision = self.pending.pop(key)
         module = decision.module
-        assert decision.scheme is not None and decision.observer is not None
         if tuple(tensor.shape) != (module.out_features, module.in_features):
             raise SourceError(f"{module.weight_key} is {list(tensor.shape)} but was planned as "
                               f"{[module.out_features, module.in_features]}; the checkpoint changed while it loaded")
-        q = quantize_weight(tensor, decision.scheme, observer=decision.observer, name=module.weight_key or key)
-        self.errors[module.name] = WeightError.of(q)
-        stored = stored_tensors(q, module.out_features, module.in_features)
+        stored, self.errors[module.name] = quantize_module(tensor, decision)
         if "weight" not in stored:  # 2:4: drop the placeholder transformers looked the weight up through
             model.get_submodule(module.module_path)._parameters.pop("weight", None)
             if missing_keys is not None:

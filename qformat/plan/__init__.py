@@ -5,6 +5,7 @@ The rules live here once and are used by the streaming converter, the in-memory 
 """
 
 from qformat.plan.recipe import AUTO_DTYPE, DTYPES, FULL_PRECISION, QuantRecipe, parse_override
+from qformat.plan.execute import quantize_module
 from qformat.plan.record import checkpoint_block
 from qformat.plan.rules import ConversionPlan, ModuleDecision, plan_conversion
 
@@ -18,4 +19,5 @@ __all__ = [
     "checkpoint_block",
     "parse_override",
     "plan_conversion",
+    "quantize_module",
 ]
