@@ -218,7 +218,10 @@ class _QuantizeOnLoad(ConversionOps):
                 missing_keys: set[str] | None = None, **kwargs: Any) -> dict[str, torch.Tensor]:
         (key, value), = input_dict.items()
         tensor = value[0] if isinstance(value, list) else value
-        return self.quantizer._quantize_loaded(key, tensor, model, missing_keys)
+        on_load = self.quantizer._on_load
+        if on_load is None:
+            raise RuntimeError("qformat's quantize op ran without a plan; report this bug")
+        return on_load.quantize(key, tensor, model, missing_keys)
 
 
 class QFormatHfQuantizer(HfQuantizer):
@@ -292,11 +295,6 @@ class QFormatHfQuantizer(HfQuantizer):
 
     def get_quantize_ops(self) -> ConversionOps:
         return _QuantizeOnLoad(self)
-
-    def _quantize_loaded(self, key: str, tensor: torch.Tensor, model: nn.Module,
-                         missing_keys: set[str] | None) -> dict[str, torch.Tensor]:
-        assert self._on_load is not None
-        return self._on_load.quantize(key, tensor, model, missing_keys)
 
     # -- after ----------------------------------------------------------------------------------------------------
     def _process_model_after_weight_loading(self, model, **kwargs: Any):
