@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from qformat.cards.accuracy import change_phrase, large_losses
 from qformat.cards.facts import CardFacts, card_facts, original_start, split_source_card
 from qformat.cards.markdown import fenced
 from qformat.cards.render import card_tags, free_text, weight_words
@@ -28,6 +29,11 @@ _SIZE_ROW = re.compile(r"^\|\s*Weights\s*\|\s*([^|]+?)\s*\|\s*([^|]+?)\s*\|", re
 _CODE_SPAN = re.compile(r"(?<!`)(`+)(?!`).*?(?<!`)\1(?!`)")
 _LINK_TARGET = re.compile(r"(?<=\])\([^()\s]*\)")
 _COMMENT = re.compile(r"<!--.*?-->")
+_EVAL_TABLE = re.compile(r"^\|\s*Metric\s*\|\s*Text\s*\|", re.MULTILINE)
+#: What a card says where a measured loss is large (qformat.cards.render.summary).
+_LARGE_LOSS = "Measured accuracy loss is large"
+#: What a card says where a fallback search missed its budget (qformat.cards.accuracy.search_summary).
+_SEARCH_MISSED = ("did not meet its budget", "but not on held-out text")
 
 
 def _allowed_words(f: CardFacts) -> set[str]:
@@ -105,4 +111,22 @@ def check_card(folder: str | Path, text: str | None = None) -> list[str]:
         if (match.group(1), match.group(2)) != expected_sizes:
             problems.append(f"size table says {match.group(1)} -> {match.group(2)}, the checkpoint is "
                             f"{expected_sizes[0]} -> {expected_sizes[1]}")
+    problems += _accuracy_problems(f, own, prose)
+    return problems
+
+
+def _accuracy_problems(f: CardFacts, own: str, prose: str) -> list[str]:
+    """What the card says about accuracy against what is recorded: an evaluation it denies or invents, a large
+    measured loss or a missed fallback budget it does not state."""
+    problems = []
+    if f.evaluation and "Not evaluated" in prose:
+        problems.append(f"says 'Not evaluated', but {len(f.evaluation)} evaluation result(s) are recorded")
+    if not f.evaluation and _EVAL_TABLE.search(own):
+        problems.append("has an evaluation table, but no evaluation results are recorded")
+    large = [change_phrase(m) for m in large_losses(f.evaluation) if change_phrase(m)]
+    if large and _LARGE_LOSS not in own:
+        problems.append(f"does not state the large measured loss ({large[0]})")
+    search = f.fallback_search
+    if search is not None and not search.met and not any(words in own for words in _SEARCH_MISSED):
+        problems.append("does not say that the automatic fallback search missed its budget")
     return problems

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from qformat.cards.markdown import fenced, promote_headings
+from qformat.cards.records import FallbackSearch, Measurement, parse_evaluation, parse_fallback_search
 from qformat.checkpoint.inspect import inspect
 from qformat.checkpoint.reader import open_checkpoint
 from qformat.io.jsonfile import read_text
@@ -49,12 +50,14 @@ class SourceCard:
 @dataclass(frozen=True)
 class SizeBreakdown:
     """Where a checkpoint's bytes are: quantized modules, Linear modules kept in full precision, and every other
-    tensor (embeddings, norms, biases of kept modules), with the float dtypes those other tensors are stored in."""
+    tensor (embeddings, norms, biases of kept modules), with the float dtypes those other tensors are stored in, and
+    the kept modules that have no tensors of their own (a tied lm_head: stored once, as the embedding)."""
 
     quantized: int
     kept_linear: int
     other: int
     other_dtypes: tuple[str, ...]
+    kept_without_tensors: tuple[str, ...] = ()
 
     @property
     def total(self) -> int:
@@ -67,17 +70,20 @@ def size_breakdown(checkpoint: Any) -> SizeBreakdown:
     kept = set(qc.fallback_modules)
     quantized = kept_linear = other = 0
     dtypes: set[str] = set()
+    with_tensors: set[str] = set()
     for name, (_, entry) in checkpoint.tensors.items():
         module = name.rpartition(".")[0]
         if module in kept:
             kept_linear += entry.nbytes
+            with_tensors.add(module)
         elif f"{module}.{QUANTIZED_MARKER}" in checkpoint.tensors:
             quantized += entry.nbytes
         else:
             other += entry.nbytes
             if entry.dtype in FULL_PRECISION_DTYPES:
                 dtypes.add(entry.dtype)
-    return SizeBreakdown(quantized, kept_linear, other, tuple(sorted(dtypes)))
+    without = tuple(e.module for e in qc.fallback if e.module not in with_tensors)
+    return SizeBreakdown(quantized, kept_linear, other, tuple(sorted(dtypes)), without)
 
 
 @dataclass(frozen=True)
@@ -108,12 +114,13 @@ class CardFacts:
     command: str
     qformat_version: str
     environment: dict[str, str]
-    evaluation: list[dict[str, Any]]
+    evaluation: tuple[Measurement, ...]  # the readable recorded results (qformat.cards.records)
     source_card: SourceCard
     sentence_transformers: bool
     imported_from: str | None = None  # the source format of a `qformat import`, e.g. "compressed-tensors"
     size: SizeBreakdown | None = None
-
+    evaluation_hidden: int = 0  # recorded results not shown: unreadable, or past records.MAX_RESULTS
+    fallback_search: FallbackSearch | None = None
 
     @property
     def weight_types(self) -> set[str]:
@@ -204,6 +211,7 @@ def card_facts(folder: str | Path) -> CardFacts:
     source = qc.provenance.get("source") or {}
     environment = qc.provenance.get("environment")
     imported = qc.provenance.get("imported_from")
+    evaluation, hidden = parse_evaluation(qc.evaluation)
     modules = qc.statistics.get("modules")
     observers = sorted({m["observer"] for m in (modules.values() if isinstance(modules, dict) else ())
                         if isinstance(m, dict) and isinstance(m.get("observer"), str) and m["observer"]})
@@ -232,9 +240,11 @@ def card_facts(folder: str | Path) -> CardFacts:
         command=str(qc.provenance.get("command") or ""),
         qformat_version=str(qc.provenance.get("qformat_version") or ""),
         environment={str(k): str(v) for k, v in environment.items()} if isinstance(environment, dict) else {},
-        evaluation=[r for r in qc.evaluation if isinstance(r, dict)] if isinstance(qc.evaluation, list) else [],
+        evaluation=evaluation,
         source_card=source_card,
         sentence_transformers=sentence_transformers,
         imported_from=str(imported["format"]) if isinstance(imported, dict) and imported.get("format") else None,
         size=size_breakdown(checkpoint),
+        evaluation_hidden=hidden,
+        fallback_search=parse_fallback_search(qc.fallback_search),
     )

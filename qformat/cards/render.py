@@ -4,23 +4,28 @@ The YAML metadata is built with huggingface_hub's `ModelCardData` (so the Hub re
 `base_model_relation: quantized`, `model-index` from recorded evaluations) and the body from the Jinja template
 `template.md.j2`. Nothing in the card comes from anywhere but the checkpoint: the same checkpoint gives the same bytes.
 Config strings are untrusted: the templates show each through a filter of `qformat.cards.markdown` (`md`, `code`,
-`cell`, `comment`, `fence`), so none can change the card's structure.
+`cell`, `comment`, `fence`), and the sentences built here and in `qformat.cards.accuracy` / `qformat.cards.size`
+escape each string they quote with `text` or `code`, so none can change the card's structure.
 """
 
 from __future__ import annotations
 
+import shlex
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from qformat._version import DISTRIBUTION
-from qformat.cards import markdown
+from qformat.cards import accuracy, markdown
 from qformat.cards.facts import MARKER, ORIGINAL_END, ORIGINAL_START, CardFacts, card_facts
 from qformat.cards.markdown import code, demote_headings, text
+from qformat.cards.records import MAX_RESULTS
+from qformat.cards.size import size_lines
 from qformat.checkpoint.inspect import human_bytes
 
 __all__ = ["DEFAULT_REPO_ID", "WEIGHT_WORDS", "base_model_link", "card_metadata", "card_tags", "demote_headings",
-           "display_name", "free_text", "render_card", "template_environment", "weight_words", "write_card"]
+           "display_name", "export_commands", "free_text", "render_card", "summary", "template_environment",
+           "weight_words", "write_card"]
 
 #: What the usage snippet loads when no repo id is given (`qformat push` passes the real one).
 DEFAULT_REPO_ID = "path/to/this/checkpoint"
@@ -58,7 +63,11 @@ def free_text(f: CardFacts) -> list[str]:
     """The config strings a card shows as inline text (not as code), as they appear in it: what `card --check`
     must read as data, not as claims of the card."""
     values = [e.detail for e in f.fallback] + [e.reason for e in f.fallback] + [f.qformat_version]
-    values += [str(r.get(key, "")) for r in f.evaluation for key in ("task", "dataset", "metric")]
+    values += [v for m in f.evaluation for v in (m.task or "", m.dataset, m.metric)]
+    search = f.fallback_search
+    if search is not None:
+        values += [search.metric or "", search.status or ""]
+        values += [t.dataset for t in (search.sensitivity_text, search.search_text, search.heldout_text) if t]
     values += [*f.environment.keys(), *f.environment.values(), *f.observers, f.imported_from or ""]
     return [text(v) for v in values if v]
 
@@ -79,18 +88,14 @@ def card_tags(f: CardFacts) -> list[str]:
 
 
 def card_metadata(f: CardFacts, repo_id: str = DEFAULT_REPO_ID) -> Any:  # -> huggingface_hub.ModelCardData
-    """The card's YAML metadata as a `ModelCardData`."""
+    """The card's YAML metadata as a `ModelCardData`; `model-index` holds each recorded result with a task and a
+    finite quantized value (task_type: its task, dataset: its text's label, metric_type: its metric)."""
     from huggingface_hub import ModelCardData
     from huggingface_hub.repocard_data import EvalResult
 
-    results = []
-    for r in f.evaluation:
-        try:
-            results.append(EvalResult(task_type=str(r["task"]), dataset_type=str(r["dataset"]),
-                                      dataset_name=str(r.get("dataset_name", r["dataset"])),
-                                      metric_type=str(r["metric"]), metric_value=float(r["quantized"])))
-        except (KeyError, TypeError, ValueError):
-            continue  # an entry without the fields model-index needs stays in the body table only
+    results = [EvalResult(task_type=m.task, dataset_type=m.dataset, dataset_name=m.dataset, metric_type=m.metric,
+                          metric_value=m.quantized)
+               for m in f.evaluation if m.task and m.dataset and m.quantized is not None]
     data: dict[str, Any] = {
         "library_name": "transformers",
         "tags": card_tags(f),
@@ -127,40 +132,33 @@ def _optimizations(f: CardFacts) -> list[str]:
     return lines
 
 
-#: Full-precision dtypes that `qformat convert --dtype bfloat16` would halve.
-_WIDE_DTYPES = {"F32": "float32", "F64": "float64"}
+def summary(f: CardFacts) -> list[str]:
+    """The card's opening paragraphs: what the model is, then anything a reader must know before using it (a
+    fallback search that missed its budget, a large measured loss)."""
+    quantized = (f"{f.quantized_modules} of its {f.linear_modules} Linear modules quantized to {weight_words(f)} by "
+                 "qformat")
+    if f.base_model:
+        first = f"This is {code(f.base_model)} with {quantized}, stored as a qformat v{f.format_version} checkpoint."
+    else:
+        first = f"This model has {quantized} and is stored as a qformat v{f.format_version} checkpoint."
+    lines = [first]
+    if f.fallback_search is not None and (missed := accuracy.search_summary(f.fallback_search)):
+        lines.append(missed)
+    large = [p for p in (accuracy.change_phrase(m) for m in accuracy.large_losses(f.evaluation)) if p]
+    if large:
+        lines.append(f"**Measured accuracy loss is large** ({accuracy.LARGE_WORDS}): {'; '.join(large[:3])}. "
+                     "See Limitations.")
+    return lines
 
 
-def _size_sentence(f: CardFacts) -> str:
-    """Where the checkpoint's bytes are, so the size gain is explained by what actually holds it: quantized modules,
-    kept Linear modules, and the other tensors (an fp32 tied embedding, not the one kept lm_head, is what keeps an
-    fp32 Gemma 3 270M large)."""
-    size = f.size
-    if size is None or not size.total:
-        return ""
-    def part(n: int) -> str:
-        return f"{human_bytes(n)} ({100 * n / size.total:.0f} %)"
-
-    pieces = [f"quantized Linear modules {part(size.quantized)}"]
-    if f.fallback and size.kept_linear:
-        pieces.append(f"{len(f.fallback)} Linear module(s) kept in full precision {part(size.kept_linear)}")
-    elif f.fallback:  # e.g. a tied lm_head: stored once, as the embedding
-        pieces.append(f"{len(f.fallback)} Linear module(s) kept in full precision with no tensors of their own")
-    stored = ", ".join(size.other_dtypes)
-    pieces.append(f"other tensors (embeddings, norms, biases) {part(size.other)}" + (f", stored as {stored}"
-                                                                                      if stored else ""))
-    sentence = "Of the checkpoint's " + human_bytes(size.total) + ": " + "; ".join(pieces)
-    wide = [_WIDE_DTYPES[d] for d in size.other_dtypes if d in _WIDE_DTYPES]
-    if wide and size.other >= size.total / 5:
-        sentence += (f". Those {' and '.join(wide)} tensors would take half the space with "
-                     "`qformat convert --dtype bfloat16`")
-    return sentence
+def _sparse_pruned(f: CardFacts) -> bool:
+    """2:4 sparsity that qformat applied by magnitude pruning (not carried over from an imported checkpoint)."""
+    return f.sparse and not f.imported_from
 
 
 def _limitations(f: CardFacts) -> list[str]:
-    measured = "the weight error above is measured, " if f.mean_rel_error is not None else ""
-    lines = [f"Quantization changes the model's outputs slightly; {measured}the effect on accuracy is "
-             + ("in the evaluation table" if f.evaluation else "not measured for this checkpoint")]
+    lines = [accuracy.accuracy_line(f.evaluation, weight_error=f.mean_rel_error is not None,
+                                    sparse_pruned=_sparse_pruned(f))]
     if "float" in f.weight_types:
         lines.append("fp8 runs natively on CUDA GPUs with compute capability 8.9 or newer; elsewhere the weights stay "
                      "fp8 in memory and are upcast per call, which is slow")
@@ -168,27 +166,43 @@ def _limitations(f: CardFacts) -> list[str]:
         lines.append(f"the 2:4 sparsity comes from the imported {text(f.imported_from)} checkpoint, as it was stored "
                      "there. CPUs decode it to the dense quantized weight at load")
     elif f.sparse:
-        lines.append("2:4 sparsity was applied by magnitude pruning without retraining; it costs accuracy unless the "
-                     "source model was trained for it. CPUs decode it to the dense quantized weight at load")
-    size = _size_sentence(f)
-    if size:
-        lines.append(size)
+        lines.append(accuracy.sparsity_line(f.evaluation))
     lines.append("Needs qformat to load quantized; without it transformers does not know the quantization method")
     return lines
 
 
-def _evaluation_rows(f: CardFacts) -> list[dict[str, str]]:
+def _fallback_rows(f: CardFacts) -> list[dict[str, str]]:
+    """The fallback table's rows; a `sensitivity` entry without a detail shows its measured rank and score."""
     rows = []
-    for r in f.evaluation:
-        try:
-            baseline, quantized = float(r["baseline"]), float(r["quantized"])
-        except (KeyError, TypeError, ValueError):
-            continue
-        recovery = f"{100 * quantized / baseline:.1f} %" if baseline else "-"
-        rows.append({"task": str(r.get("task", "")), "dataset": str(r.get("dataset", "")),
-                     "metric": str(r.get("metric", "")), "baseline": f"{baseline:g}", "quantized": f"{quantized:g}",
-                     "recovery": recovery})
+    for e in f.fallback:
+        detail = e.detail
+        measured = e.measured or {}
+        if not detail and e.reason == "sensitivity" and all(
+                isinstance(measured.get(k), (int, float)) and not isinstance(measured.get(k), bool)
+                for k in ("rank", "units", "score")):
+            detail = (f"sensitivity rank {measured['rank']:g} of {measured['units']:g} units "
+                      f"(score {measured['score']:.2g})")
+        rows.append({"module": e.module, "reason": e.reason, "detail": detail})
     return rows
+
+
+def export_commands(repo_id: str) -> str:
+    """The commands that turn this checkpoint into a vLLM one: `qformat export` takes a local folder, so a Hub repo
+    is downloaded first (with huggingface_hub's `hf` command)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError:  # a local path (the placeholder is one)
+        local = shlex.quote(repo_id)
+        return f"qformat export {local} OUTPUT --to vllm\nvllm serve OUTPUT"
+    name = repo_id.split("/")[-1]
+    return (f"hf download {repo_id} --local-dir {name}\nqformat export {name} {name}-vllm --to vllm\n"
+            f"vllm serve {name}-vllm")
+
+
+def _evaluation_commands(f: CardFacts) -> str:
+    return "\n".join(dict.fromkeys(m.command for m in f.evaluation if m.command))
 
 
 def render_card(folder: str | Path, *, repo_id: str | None = None) -> str:
@@ -204,26 +218,31 @@ def render_card(folder: str | Path, *, repo_id: str | None = None) -> str:
                  "full-precision weights to compare against")
     else:
         error = "not recorded"
-    summary = (f"{code(f.base_model) if f.base_model else 'This model'} with {f.quantized_modules} of its "
-               f"{f.linear_modules} Linear modules quantized to {weight_words(f)} "
-               f"by qformat, stored as a qformat v{f.format_version} checkpoint.")
+    hidden = f.evaluation_hidden
     return template_environment().from_string(template).render(
         card_data=card_metadata(f, repo).to_yaml(),
         marker=MARKER,
         title=_title(f),
-        summary=summary,
+        summary="\n\n".join(summary(f)),
         f=f,
         base_model_cell=base_model_link(f, table=True),
         base_model_link=base_model_link(f),
         distribution=DISTRIBUTION,
         optimizations=_optimizations(f),
+        fallback_rows=_fallback_rows(f),
+        search=accuracy.search_report(f.fallback_search) if f.fallback_search is not None else None,
         source_size=human_bytes(f.source_bytes),
         quantized_size=human_bytes(f.checkpoint_bytes),
         ratio=ratio,
+        size_lines=size_lines(f),
         error_line=error,
         error_measured=f.mean_rel_error is not None,
-        evaluation_rows=_evaluation_rows(f),
+        evaluation_rows=accuracy.evaluation_rows(f.evaluation),
+        evaluation_hidden=(f"{hidden} more recorded result{'s are' if hidden != 1 else ' is'} not shown (unreadable, "
+                           f"or past the first {MAX_RESULTS})." if hidden else ""),
+        evaluation_commands=_evaluation_commands(f),
         repo_id=repo,
+        export_commands=export_commands(repo),
         kernel_words=weight_words(f),
         environment="".join(f", {text(name)} {text(version)}" for name, version in f.environment.items()),
         limitations=_limitations(f),

@@ -1,4 +1,5 @@
-"""`qformat card DIR`: write the model card generated from the checkpoint; `--check` lints an existing one."""
+"""`qformat card DIR`: write the model card generated from the checkpoint; `--check` lints an existing one and
+reports every problem it finds, one per line, before the error line."""
 
 from __future__ import annotations
 
@@ -25,9 +26,11 @@ def card_command(directory: str, check: bool, repo_id: str | None) -> None:
 
         if check:
             problems = check_card(directory)
+            for problem in problems:  # every problem on its own line, then the one error line
+                click.echo(f"{directory}/README.md: {problem}", err=True)
             if problems:
-                more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-                raise CardMismatchError(f"README.md does not match the checkpoint: {problems[0]}{more}; run "
+                count = f"{len(problems)} problem{'s' if len(problems) != 1 else ''}"
+                raise CardMismatchError(f"README.md does not match the checkpoint ({count}, listed above); run "
                                         f"`qformat card {directory}` to regenerate it")
             click.echo(f"ok: {directory}/README.md matches the checkpoint")
         else:

@@ -106,6 +106,8 @@ def test_check_ignores_the_carried_original_card(minilm_ckpt):
 
 
 def test_recorded_evaluation_becomes_model_index_and_a_table(minilm_ckpt, tmp_path):
+    """An entry of the old shape (no tokens, relative_change or recovery) still renders: nothing is computed from
+    quantized / baseline, which would be wrong for a lower-is-better metric."""
     folder = Path(shutil.copytree(minilm_ckpt, tmp_path / "evaluated"))
     config = json.loads((folder / "config.json").read_text())
     config["quantization_config"]["evaluation"] = [
@@ -117,8 +119,9 @@ def test_recorded_evaluation_becomes_model_index_and_a_table(minilm_ckpt, tmp_pa
     assert (result.metric_type, result.metric_value, result.dataset_type) == ("cosine_spearman", 0.8118,
                                                                              "mteb/stsbenchmark-sts")
     assert card.data.model_name == "alice/minilm-int8"
-    assert "| sentence-similarity | mteb/stsbenchmark-sts | cosine_spearman | 0.82 | 0.8118 | 99.0 % |" in card.text
-    assert "Not evaluated" not in card.text
+    assert "| cosine_spearman | mteb/stsbenchmark-sts | 0.82 | 0.8118 | - | - |" in card.text
+    assert "Not evaluated" not in card.text and "99.0 %" not in card.text
+    assert check_card(folder, str(card)) == []
 
 
 def test_card_cli_writes_and_checks(llama_ckpt, tmp_path):
@@ -132,7 +135,18 @@ def test_card_cli_writes_and_checks(llama_ckpt, tmp_path):
     readme = folder / "README.md"
     readme.write_text(readme.read_text().replace("11 of 15", "12 of 15"))
     result = run("--check", str(folder))
-    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "12 of 15" in result.stderr
+    lines = result.stderr.splitlines()
+    assert result.returncode == 2 and len(lines) == 2 and "12 of 15" in lines[0], result.stderr
+    assert lines[1].startswith("qformat: error: README.md does not match the checkpoint (1 problem")
+    readme.write_text(readme.read_text().replace("FP8/INT8 (qformat)", "INT4 (qformat)")
+                      .replace("| Weights | ", "| Weights | 1.0 GB | 2.0 GB | x |", 1))
+    result = run("--check", str(folder))
+    lines = result.stderr.splitlines()  # every problem, each on its own line, then one error line
+    assert result.returncode == 2 and len(lines) == 4, result.stderr
+    for words in ("says '12 of 15", "says INT4", "size table says 1.0 GB"):
+        assert sum(words in line for line in lines[:3]) == 1, (words, lines)
+    assert all(line.startswith(f"{folder}/README.md: ") for line in lines[:3])
+    assert "(3 problems, listed above)" in lines[3]
 
 
 def test_card_says_where_the_bytes_are(tiny_models, tmp_path):
@@ -142,7 +156,8 @@ def test_card_says_where_the_bytes_are(tiny_models, tmp_path):
     text = render_card(wide)
     assert "other tensors (embeddings, norms, biases)" in text and "stored as F32" in text
     assert "half the space with `qformat convert --dtype bfloat16`" in text
-    assert "1 Linear module(s) kept in full precision with no tensors of their own" in text  # the tied lm_head
+    assert "The kept Linear module `lm_head` has no tensors of its own" in text  # the tied lm_head
+    assert "it adds no bytes to the checkpoint" in text
     narrow = qformat.convert(tiny_models["gemma3"], tmp_path / "bf16", scheme="w8a16-int8", dtype="bfloat16").output
     text = render_card(narrow)
     assert "stored as BF16" in text and "half the space" not in text
