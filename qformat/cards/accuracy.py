@@ -15,14 +15,20 @@ from dataclasses import dataclass
 from qformat.cards.markdown import code, text
 from qformat.cards.records import FallbackSearch, Measurement, SearchTrial, TextRef
 
-__all__ = ["LARGE_LOSS", "SearchReport", "accuracy_line", "budget_words", "change_phrase", "evaluation_rows",
-           "large_losses", "number", "percent", "search_report", "search_summary", "signed_percent", "sparsity_line",
-           "worst"]
+__all__ = ["LARGE_LOSS", "SIMILARITY_TO_SOURCE", "SearchReport", "accuracy_line", "budget_words", "change_phrase",
+           "evaluation_rows", "large_losses", "number", "percent", "result_words", "search_report", "search_summary",
+           "signed_percent", "sparsity_line", "worst"]
 
 #: A relative change beyond this, against the metric's direction, is a large loss.
 LARGE_LOSS = 0.10
 #: How a card names the threshold.
 LARGE_WORDS = f"more than {100 * LARGE_LOSS:.0f} % relative"
+
+#: Metrics that measure how close the quantized model stays to its source (the source scores perfectly against
+#: itself: KL 0, agreement and cosine 1). Their relative change is not a change in quality (a top-1 agreement of
+#: 0.9 is usual for a good int8 model), so the card reports them but judges the loss by the other metrics.
+SIMILARITY_TO_SOURCE = frozenset({"kl_divergence", "top1_agreement", "mean_cosine", "min_cosine", "rank_agreement",
+                                  "rougeL"})
 
 #: How many measured changes the Limitations line spells out (the table has them all).
 _SPELLED = 3
@@ -68,10 +74,11 @@ def evaluation_rows(results: Iterable[Measurement]) -> list[dict[str, str]]:
 
 def _loss(m: Measurement) -> float | None:
     """How much worse the quantized model is, as a relative change against the metric's direction (positive =
-    worse); infinite where the quantized value is not finite; None where the record does not say."""
+    worse); infinite where the quantized value is not finite; None where the record does not say, or where the
+    metric measures closeness to the source rather than quality (SIMILARITY_TO_SOURCE)."""
     if m.quantized is None:
         return float("inf")
-    if m.relative_change is None or m.higher_is_better is None:
+    if m.relative_change is None or m.higher_is_better is None or m.metric in SIMILARITY_TO_SOURCE:
         return None
     return -m.relative_change if m.higher_is_better else m.relative_change
 
@@ -136,7 +143,7 @@ def sparsity_line(results: tuple[Measurement, ...]) -> str:
     if m in large_losses(results):
         return (f"{pruned}, and it cost accuracy here: {change_phrase(m)}. That is {LARGE_WORDS}: this model is not "
                 f"usable without retraining (sparse fine-tuning of the source){decode}")
-    judged = f" (not {LARGE_WORDS})" if _loss(m) is not None else ""
+    judged = "" if _loss(m) is None else f" (below the {100 * LARGE_LOSS:.0f} % relative loss this card calls large)"
     return f"{pruned}; measured here: {change_phrase(m)}{judged}{decode}"
 
 
