@@ -215,8 +215,8 @@ def _write(tmp_path: Path, checkpoint: Path, card: str) -> Path:
 
 
 def test_closeness_to_the_source_is_reported_but_not_called_a_loss(kept_ckpt, tmp_path, records):
-    """Top-1 agreement 0.85 is usual for a good int8 model: a metric the source scores perfectly against itself is
-    shown, but the loss is judged by the model's own quality (perplexity +2 % here)."""
+    """A metric the source scores perfectly against itself (top-1 agreement 0.85 here) is shown, but the loss is
+    judged by the model's own quality (perplexity +2 % here)."""
     agreement = dict(records.perplexity(1.0, 0.85, relative_change=-0.15, recovery=0.85), metric="top1_agreement",
                      higher_is_better=True)
     card = render_card(records.with_records(kept_ckpt, tmp_path / "agree", evaluation=[
