@@ -30,6 +30,9 @@ __all__ = ["DEFAULT_REPO_ID", "WEIGHT_WORDS", "base_model_link", "card_metadata"
 #: What the usage snippet loads when no repo id is given (`qformat push` passes the real one).
 DEFAULT_REPO_ID = "path/to/this/checkpoint"
 
+#: The fallback search's result statuses a card words itself; any other is quoted as data.
+_SEARCH_STATUSES = ("met", "unreachable", "max_evals", None)
+
 #: How cards name each value type (`QuantArgs.type`).
 WEIGHT_WORDS = {"int": "INT8", "float": "FP8"}
 
@@ -66,7 +69,7 @@ def free_text(f: CardFacts) -> list[str]:
     values += [v for m in f.evaluation for v in (m.task or "", m.dataset, m.metric)]
     search = f.fallback_search
     if search is not None:
-        values += [search.metric or "", search.status or ""]
+        values += [search.metric or "", search.status if search.status not in _SEARCH_STATUSES else ""]
         values += [t.dataset for t in (search.sensitivity_text, search.search_text, search.heldout_text) if t]
     values += [*f.environment.keys(), *f.environment.values(), *f.observers, f.imported_from or ""]
     return [text(v) for v in values if v]
