@@ -95,6 +95,10 @@ def test_a_met_search_is_logged_with_its_budget_and_evaluations(ckpt, tmp_path, 
         assert row in section, row
     assert "did not meet" not in card and "not on held-out text" not in card
     assert check_card(folder, card) == []
+    import shutil
+
+    moved = Path(shutil.copytree(folder, tmp_path / "elsewhere" / "copy"))
+    assert render_card(moved) == card and str(tmp_path) not in card  # deterministic, no local paths
 
 
 @pytest.mark.parametrize("kwargs, summary", [
