@@ -43,6 +43,7 @@ __all__ = [
     "WriteError",
     "__version__",
     "convert",
+    "evaluate",
     "export_compressed_tensors",
     "import_compressed_tensors",
     "inspect",
@@ -57,6 +58,10 @@ def __getattr__(name: str):  # lazy: keep `import qformat` free of torch until a
         from qformat.converter import convert
 
         return convert
+    if name == "evaluate":
+        from qformat.eval import evaluate
+
+        return evaluate
     if name in ("export_compressed_tensors", "import_compressed_tensors"):
         import qformat.export
 

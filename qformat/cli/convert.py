@@ -21,6 +21,7 @@ Examples:
       --override 're:.*fc[12]=fp8-dynamic' --ignore model.decoder.layers.11.fc2
   qformat convert ./llama ./llama-24 --scheme w8a16-int8 --sparsity 2:4
   qformat convert ./gemma-fp32 ./gemma-int8 --scheme w8a16-int8 --dtype bfloat16
+  qformat convert ./smollm2 ./smollm2-int8 --scheme w8a8-int8 --auto-fallback --max-loss 1%
 """
 
 
@@ -44,17 +45,58 @@ Examples:
               help="Hub repo id to record as the base model of a local SOURCE.")
 @click.option("--revision", default=None, help="Branch, tag or commit of a Hub SOURCE.")
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard.")
+@click.option("--auto-fallback", is_flag=True,
+              help="Keep the most sensitive modules in full precision until the measured loss fits --max-loss "
+                   "(sensitivity in one pass, then a bisection search, confirmed on held-out text).")
+@click.option("--max-loss", default=None, metavar="FRACTION",
+              help="Budget for --auto-fallback, e.g. 1% (relative perplexity or loss increase; 1 - cosine for "
+                   "encoders; nats for kl) [default: 1%].")
+@click.option("--metric", default=None, metavar="METRIC",
+              help="What --auto-fallback measures: ppl, kl, top1 (causal LMs), cosine, rank (encoders), loss, "
+                   "rouge (seq2seq) [default: ppl / cosine / loss].")
+@click.option("--calib", default=None, metavar="FILE", help="Text for the sensitivity estimate [default: built-in].")
+@click.option("--eval-text", default=None, metavar="FILE", help="Text the search evaluates on [default: built-in].")
+@click.option("--heldout-text", default=None, metavar="FILE",
+              help="Text the final choice is confirmed on [default: built-in, unseen by the search].")
+@click.option("--max-evals", default=None, type=int, metavar="N",
+              help="Most full evaluations the search may use (trials plus the confirmation).")
+@click.option("--max-fallback", default=None, metavar="N|P%", help="Most units the search may keep (24 or 10%).")
+@click.option("--search-tokens", default=None, type=int, metavar="N",
+              help="Tokens of the calibration and search texts (held-out: double) [default: 1024].")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists (only once the new one is complete).")
 def convert_command(source: str, output: str, scheme: str, ignore: tuple[str, ...], overrides: tuple[str, ...],
                     observer: str | None, sparsity: str | None, dtype: str, base_model: str | None,
-                    revision: str | None, max_shard_size: str, overwrite: bool) -> None:
+                    revision: str | None, max_shard_size: str, auto_fallback: bool, max_loss: str | None,
+                    metric: str | None, calib: str | None, eval_text: str | None, heldout_text: str | None,
+                    max_evals: int | None, max_fallback: str | None, search_tokens: int | None,
+                    overwrite: bool) -> None:
     """Convert SOURCE (a model folder or Hub repo id) into a qformat checkpoint at OUTPUT."""
     install_signal_handlers()
     with reported_errors("nothing was written to OUTPUT"):
         from qformat.checkpoint.inspect import inspect
         from qformat.converter import convert
 
+        budget = _budget(auto_fallback, max_loss=max_loss, metric=metric, calib=calib, eval_text=eval_text,
+                         heldout_text=heldout_text, max_evals=max_evals, max_fallback=max_fallback,
+                         max_tokens=search_tokens)
         result = convert(source, output, scheme=scheme, ignore=ignore, overrides=overrides, observer=observer,
                          sparsity=sparsity, dtype=dtype, base_model=base_model, revision=revision,
-                         max_shard_size=max_shard_size, overwrite=overwrite, progress=sys.stderr.isatty())
+                         max_shard_size=max_shard_size, auto_fallback=budget, overwrite=overwrite,
+                         progress=sys.stderr.isatty())
         click.echo(inspect(result.output).to_text())
+        if result.search is not None:
+            click.echo(result.search.summary(), err=result.search.status != "met")
+
+
+def _budget(enabled: bool, **given: object) -> object:
+    """The FallbackBudget the search options ask for (None without --auto-fallback; its options need it)."""
+    from qformat.errors import OptionError
+    from qformat.search import FallbackBudget
+
+    given = {k: v for k, v in given.items() if v is not None}
+    if not enabled:
+        if given:
+            flags = ", ".join("--" + k.replace("_", "-").replace("max-tokens", "search-tokens") for k in given)
+            raise OptionError(f"{flags} only apply with --auto-fallback; add it or drop them")
+        return None
+    return FallbackBudget(**given)  # type: ignore[arg-type]

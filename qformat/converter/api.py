@@ -14,6 +14,9 @@ from qformat.converter.options import ConvertOptions
 from qformat.converter.pipeline import run_pipeline
 from qformat.plan.record import checkpoint_block
 from qformat.plan.rules import ConversionPlan, plan_conversion
+from qformat.search.api import search_folder
+from qformat.search.criterion import FallbackBudget
+from qformat.search.fallback import SearchOutcome
 from qformat.io.resolve import ResolvedSource, resolve_source_for
 from qformat.models.structure import analyze_structure
 from qformat.errors import CorruptCheckpointError, SourceError, UnsupportedModelError
@@ -43,11 +46,13 @@ class ConvertResult:
     quantized_modules: int
     source_bytes: int
     checkpoint_bytes: int
+    search: SearchOutcome | None = None
 
 
 def _quantization_config(plan: ConversionPlan, options: ConvertOptions, src: ResolvedSource,
                          checkpoint: SourceCheckpoint, layout: OutputLayout, hashes: dict[str, str],
-                         stats: dict[str, Any], skipped: list[str]) -> dict[str, Any]:
+                         stats: dict[str, Any], skipped: list[str],
+                         search: SearchOutcome | None) -> dict[str, Any]:
     source = {
         "repo_id": src.repo_id,
         "revision": src.revision,
@@ -59,7 +64,9 @@ def _quantization_config(plan: ConversionPlan, options: ConvertOptions, src: Res
     }
     return checkpoint_block(plan, options, source=source,
                             command=options.command(src.repo_id or options.base_model or "SOURCE"), errors=stats,
-                            checkpoint_bytes=layout.total_bytes, tensor_hashes=hashes)
+                            checkpoint_bytes=layout.total_bytes, tensor_hashes=hashes,
+                            evaluation=search.evaluation if search is not None else None,
+                            fallback_search=search.record if search is not None else None)
 
 
 def _refuse_non_float_weights(layout: OutputLayout) -> None:
@@ -88,7 +95,8 @@ def convert(source: str | os.PathLike[str], output: str | os.PathLike[str], *, s
             ignore: tuple[str, ...] | list[str] = (), overrides: tuple[tuple[str, str], ...] | list[Any] = (),
             observer: str | None = None, sparsity: str | None = None, dtype: str = "auto",
             base_model: str | None = None, revision: str | None = None, max_shard_size: int | str = "5GB",
-            overwrite: bool = False, progress: bool = False) -> ConvertResult:
+            auto_fallback: FallbackBudget | dict[str, Any] | bool | None = None, overwrite: bool = False,
+            progress: bool = False) -> ConvertResult:
     """Convert a Hugging Face model into a qformat checkpoint at `output`.
 
     Args:
@@ -104,6 +112,10 @@ def convert(source: str | os.PathLike[str], output: str | os.PathLike[str], *, s
             those, else each tensor's stored dtype. The output's config.json names the dtype chosen.
         base_model: Hub repo id to record as the base model of a local source.
         max_shard_size: largest output shard, e.g. "5GB".
+        auto_fallback: run an accuracy-driven fallback search first (`qformat.search`): True for the default
+            budget (1 %), or a `FallbackBudget` (or a dict of its fields: max_loss, metric, calib, eval_text,
+            heldout_text, max_evals, max_fallback, max_tokens). The modules it keeps get reason `sensitivity`; its
+            log and the held-out evaluation are recorded in config.json. Needs the source's tokenizer.
         progress: show a progress bar of bytes converted.
 
     Returns:
@@ -117,13 +129,18 @@ def convert(source: str | os.PathLike[str], output: str | os.PathLike[str], *, s
     pairs = tuple(parse_override(o) if isinstance(o, str) else (o[0], o[1]) for o in overrides)
     options = ConvertOptions(scheme=scheme, ignore=tuple(ignore), overrides=pairs, observer=observer,
                              sparsity=sparsity, dtype=dtype, base_model=base_model, revision=revision,
-                             max_shard_size=parse_size(max_shard_size))
+                             max_shard_size=parse_size(max_shard_size), auto_fallback=auto_fallback)
     out = Path(output)
     src = resolve_source_for(source, out, revision=revision, overwrite=overwrite)
     checkpoint = SourceCheckpoint(src.path)
     checkpoint.readahead(READAHEAD_START)
     structure = analyze_structure(src.path, {name: t.shape for name, t in checkpoint.tensors.items()})
-    plan = plan_conversion(structure, options)
+    source_label = src.repo_id or options.base_model or "SOURCE"
+    search = None
+    if options.auto_fallback is not None:
+        plan_conversion(structure, options)  # a bad option fails before minutes of search
+        search = search_folder(src.path, options, source_label=source_label, progress=progress)
+    plan = plan_conversion(structure, options, search.fallback if search is not None else None)
     config = load_json(src.path / "config.json", error=SourceError)
     target_dtype = resolve_dtype(options.dtype, config)
     layout = plan_output(checkpoint, plan, options.max_shard_size, dtype=target_dtype)
@@ -140,7 +157,8 @@ def convert(source: str | os.PathLike[str], output: str | os.PathLike[str], *, s
             write_weight_index(tmp, weight_map, layout.total_bytes)
         config = declare_dtype(config, target_dtype)
         config["quantization_config"] = _quantization_config(plan, options, src, checkpoint, layout, result.hashes,
-                                                             result.stats, skipped)
+                                                             result.stats, skipped, search)
         write_json(tmp / "config.json", config)
     logger.info("wrote %s", out)
-    return ConvertResult(out, len(plan.decisions), len(plan.quantized), checkpoint.nbytes, layout.total_bytes)
+    return ConvertResult(out, len(plan.decisions), len(plan.quantized), checkpoint.nbytes, layout.total_bytes,
+                         search)

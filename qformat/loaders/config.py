@@ -46,24 +46,29 @@ class QFormatConfig(QuantizationConfigMixin):
         sparsity: "2:4" to prune every quantized module to 2:4 structured sparsity.
         dtype: dtype of the tensors kept in full precision ("auto": the checkpoint's); overrides `from_pretrained`'s
             `dtype` when given.
+        auto_fallback: True (budget 1 %) or a `qformat.search.FallbackBudget`: keep the most sensitive modules in
+            full precision until the measured loss fits the budget. `from_pretrained` then loads the model in full
+            precision first and quantizes it after the search (peak memory: the full-precision model).
         dequantize: for a qformat checkpoint only: load plain `nn.Linear` layers with the dequantized weights.
     """
 
     def __init__(self, scheme: str | None = None, ignore: Iterable[str] = (),
                  overrides: Mapping[str, str] | Iterable[Any] = (), observer: str | None = None,
-                 sparsity: str | None = None, dtype: Any = AUTO_DTYPE, *, dequantize: bool = False) -> None:
+                 sparsity: str | None = None, dtype: Any = AUTO_DTYPE, *, auto_fallback: Any = None,
+                 dequantize: bool = False) -> None:
         self.quant_method = QUANT_METHOD
         self.dequantize = bool(dequantize)
         self._data: dict[str, Any] | None = None
         self._checkpoint: CheckpointConfig | None = None
         self._requested: QuantRecipe | None = None
-        explicit = scheme is not None or observer is not None or sparsity is not None or bool(ignore) or bool(overrides)
+        explicit = (scheme is not None or observer is not None or sparsity is not None or bool(ignore)
+                    or bool(overrides) or auto_fallback not in (None, False))
         if dequantize and explicit:
             raise OptionError("dequantize=True loads a qformat checkpoint in full precision; it takes no scheme, "
-                              "ignore, overrides, observer or sparsity")
+                              "ignore, overrides, observer, sparsity or auto_fallback")
         self.recipe: QuantRecipe | None = None if dequantize else QuantRecipe(
             scheme=scheme or "w8a8-int8", ignore=tuple(ignore), overrides=overrides, observer=observer,
-            sparsity=sparsity, dtype=dtype)
+            sparsity=sparsity, dtype=dtype, auto_fallback=auto_fallback)
         self._explicit = explicit
         from qformat.loaders.transformers import register  # a request is useless unless transformers knows qformat
 

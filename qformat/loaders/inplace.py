@@ -30,7 +30,7 @@ from qformat.plan.recipe import AUTO_DTYPE, QuantRecipe
 from qformat.plan.rules import plan_conversion
 from qformat.spec.config import QUANT_METHOD, FallbackEntry
 
-__all__ = ["QuantizeResult", "quantize_"]
+__all__ = ["QuantizeResult", "apply_recipe", "quantize_"]
 
 
 @dataclass(frozen=True)
@@ -81,9 +81,26 @@ def _attach(model: nn.Module, config: QFormatConfig) -> None:
     _assign_is_quantized(model)
 
 
+def _search(model: nn.Module, recipe: QuantRecipe, tokenizer: Any, progress: bool) -> Any:
+    """Run the fallback search on the live model (left in full precision); the outcome's entries join the plan."""
+    from qformat.search.api import search_model
+
+    if tokenizer is None:
+        from transformers import AutoTokenizer
+
+        name = getattr(model, "name_or_path", "") or ""
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(name)
+        except (OSError, ValueError, KeyError, TypeError):
+            raise OptionError("auto_fallback needs the model's tokenizer: pass quantize_(..., tokenizer=...)") from None
+    source = source_record(model)
+    return search_model(model, tokenizer, recipe, source_label=source.get("repo_id") or "SOURCE",
+                        progress=progress)
+
+
 @torch.no_grad()
-def quantize_(model: nn.Module, config: QFormatConfig | QuantRecipe | None = None, /,
-              **options: Any) -> QuantizeResult:
+def quantize_(model: nn.Module, config: QFormatConfig | QuantRecipe | None = None, /, *, tokenizer: Any = None,
+              progress: bool = False, **options: Any) -> QuantizeResult:
     """Quantize a loaded transformers `model` in place with qformat's rules; return what was quantized and kept.
 
     `config` is a `QFormatConfig(scheme=..., ignore=..., overrides=..., observer=..., sparsity=..., dtype=...)`, or
@@ -91,14 +108,30 @@ def quantize_(model: nn.Module, config: QFormatConfig | QuantRecipe | None = Non
     `qformat convert` writes when the model holds the checkpoint's values (loaded in its stored dtype, or in a wider
     one). `dtype` other than "auto" casts the tensors kept in full precision afterwards.
 
+    With `auto_fallback` (True, or a `qformat.search.FallbackBudget`), the accuracy-driven search runs first on
+    the full-precision model (`tokenizer`: the model's, loaded from `model.name_or_path` when not given); the
+    modules it keeps get reason `sensitivity`, and its log and held-out evaluation go into the model's config.
+
     Raises:
         OptionError: a bad option, or a model that is already quantized.
         QFormatError: a model qformat cannot quantize (e.g. fused MoE experts), or NaN/Inf in a weight.
     """
     recipe = _recipe(config, options)
     _refuse_quantized(model)
+    result = apply_recipe(model, recipe, tokenizer=tokenizer, progress=progress)
+    _attach(model, result.config)
+    return result
+
+
+@torch.no_grad()
+def apply_recipe(model: nn.Module, recipe: QuantRecipe, *, tokenizer: Any = None,
+                 progress: bool = False) -> QuantizeResult:
+    """`quantize_` without its checks and without attaching the config to the model: plan (after the fallback
+    search, if the recipe asks for one), quantize each planned module in place, build the checkpoint config.
+    `from_pretrained` with `QFormatConfig(auto_fallback=...)` uses it after loading the full-precision model."""
     structure = structure_of(model)
-    plan = plan_conversion(structure, recipe)
+    search = _search(model, recipe, tokenizer, progress) if recipe.auto_fallback is not None else None
+    plan = plan_conversion(structure, recipe, search.fallback if search is not None else None)
     errors: dict[str, WeightError] = {}
     for decision in plan.quantized:
         module = decision.module
@@ -111,6 +144,5 @@ def quantize_(model: nn.Module, config: QFormatConfig | QuantRecipe | None = Non
         del stored, linear
     if recipe.dtype != AUTO_DTYPE:
         model.to(getattr(torch, recipe.dtype))
-    result = finished_config(model, plan, recipe, source_record(model), errors)
-    _attach(model, result)
+    result = finished_config(model, plan, recipe, source_record(model), errors, search)
     return QuantizeResult({d.module.name: d.scheme_name or "" for d in plan.quantized}, plan.fallback, result)

@@ -234,6 +234,9 @@ class QFormatHfQuantizer(HfQuantizer):
         super().__init__(quantization_config, **kwargs)
         self._checkpoint_names: dict[str, str] = {}  # model module -> checkpoint module, for error messages
         self._on_load: OnLoadQuantization | None = None
+        #: With `auto_fallback`, the model loads in float32 and is quantized after loading (the search needs the
+        #: full-precision model); this is the dtype the user asked for, applied at the end.
+        self._search_after: torch.dtype | None = None
 
     def validate_environment(self, *args: Any, **kwargs: Any) -> None:
         config = self.quantization_config
@@ -247,7 +250,10 @@ class QFormatHfQuantizer(HfQuantizer):
         """`QFormatConfig(dtype=...)`, where given, is the dtype of the tensors kept in full precision."""
         recipe = None if self.pre_quantized else self.quantization_config.recipe
         if recipe is not None and recipe.dtype != AUTO_DTYPE:
-            return getattr(torch, recipe.dtype)
+            dtype = getattr(torch, recipe.dtype)
+        if recipe is not None and recipe.auto_fallback is not None:
+            self._search_after = dtype
+            return torch.float32  # the stored values, exactly: what the search measures and convert quantizes
         return dtype
 
     def update_attn_implementation(self, config):
@@ -262,7 +268,10 @@ class QFormatHfQuantizer(HfQuantizer):
     # -- before the weights load ----------------------------------------------------------------------------------
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs: Any):
         if not self.pre_quantized:
-            self._on_load = OnLoadQuantization.prepare(model, self.quantization_config.recipe, checkpoint_files)
+            recipe = self.quantization_config.recipe
+            if recipe is not None and recipe.auto_fallback is not None:
+                return model  # loaded in full precision, quantized after loading
+            self._on_load = OnLoadQuantization.prepare(model, recipe, checkpoint_files)
             return model
         spec = self.quantization_config.checkpoint
         stored = _stored_tensors(checkpoint_files)
@@ -298,6 +307,18 @@ class QFormatHfQuantizer(HfQuantizer):
 
     # -- after ----------------------------------------------------------------------------------------------------
     def _process_model_after_weight_loading(self, model, **kwargs: Any):
+        if not self.pre_quantized and self.quantization_config.recipe is not None \
+                and self.quantization_config.recipe.auto_fallback is not None:
+            from qformat.loaders.inplace import apply_recipe
+
+            config = apply_recipe(model, self.quantization_config.recipe).config
+            self._checkpoint_names = {}
+            self.quantization_config = config
+            model.config.quantization_config = config
+            self.pre_quantized = True
+            if self._search_after is not None and self._search_after != torch.float32:
+                model.to(self._search_after)
+            return model
         if self._on_load is not None:
             config = self._on_load.finish(model)
             self._checkpoint_names = self._on_load.checkpoint_names

@@ -14,6 +14,7 @@ from typing import Any
 
 from qformat.errors import OptionError
 from qformat.quantize.observers import OBSERVERS
+from qformat.search.criterion import FallbackBudget
 from qformat.spec.patterns import PatternSet, RuleSet
 from qformat.spec.schemes import SPARSITY_2_4, Scheme, resolve_scheme_name
 
@@ -49,6 +50,22 @@ def _overrides(value: Any) -> tuple[tuple[str, str], ...]:
     return tuple((p, s) for p, s in items)
 
 
+def _budget(value: Any) -> FallbackBudget | None:
+    """None/False: no search; True: the default budget; a dict of `FallbackBudget` fields; or a `FallbackBudget`."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return FallbackBudget()
+    if isinstance(value, dict):
+        try:
+            return FallbackBudget(**value)
+        except TypeError as exc:
+            raise OptionError(f"auto_fallback: {exc}; see qformat.search.FallbackBudget for its fields") from None
+    if not isinstance(value, FallbackBudget):
+        raise OptionError(f"auto_fallback must be True, a dict or a FallbackBudget, not {type(value).__name__}")
+    return value
+
+
 def _dtype_name(value: Any) -> str:
     """"auto", or the name of a float dtype ("bfloat16"); accepts torch dtypes and "bf16"-style short names."""
     text = str(value).removeprefix("torch.") if value is not None else AUTO_DTYPE
@@ -67,6 +84,8 @@ class QuantRecipe:
     accepted and normalized); `ignore` patterns keep modules in full precision. Patterns are exact module names or
     "re:<regex>" (compressed-tensors/vLLM semantics), matched against checkpoint names. `sparsity="2:4"` adds 2:4 to
     every scheme. `dtype` is the dtype of the tensors kept in full precision ("auto": the source's).
+    `auto_fallback` (a `FallbackBudget`, or True for the default 1 % budget) keeps the most sensitive modules in full
+    precision until the measured loss fits the budget (`qformat.search`).
     """
 
     scheme: str = "w8a8-int8"
@@ -75,6 +94,7 @@ class QuantRecipe:
     observer: str | None = None
     sparsity: str | None = None
     dtype: str = AUTO_DTYPE
+    auto_fallback: FallbackBudget | None = None
     schemes: dict[str, Scheme] = field(init=False, repr=False, compare=False)
     default_scheme: str = field(init=False, repr=False, compare=False)
 
@@ -86,6 +106,7 @@ class QuantRecipe:
         object.__setattr__(self, "ignore", tuple(self.ignore))
         object.__setattr__(self, "overrides", _overrides(self.overrides))
         object.__setattr__(self, "dtype", _dtype_name(self.dtype))
+        object.__setattr__(self, "auto_fallback", _budget(self.auto_fallback))
         if self.sparsity not in (None, SPARSITY_2_4):
             raise OptionError(f"sparsity must be '2:4', not {self.sparsity!r}")
         if self.observer is not None and self.observer not in OBSERVERS:
@@ -116,7 +137,7 @@ class QuantRecipe:
     def recipe(self) -> QuantRecipe:
         """The recipe alone (a subclass's extra options dropped): what two quantizations must share to agree."""
         return QuantRecipe(scheme=self.scheme, ignore=self.ignore, overrides=self.overrides, observer=self.observer,
-                           sparsity=self.sparsity, dtype=self.dtype)
+                           sparsity=self.sparsity, dtype=self.dtype, auto_fallback=self.auto_fallback)
 
     def to_record(self) -> dict[str, Any]:
         """The recipe as recorded in the checkpoint's provenance (`options`)."""
@@ -127,6 +148,7 @@ class QuantRecipe:
             "observer": self.observer,
             "sparsity": self.sparsity,
             "dtype": self.dtype,
+            **({"auto_fallback": self.auto_fallback.to_record()} if self.auto_fallback is not None else {}),
         }
 
     def command_args(self) -> list[str]:
@@ -142,6 +164,8 @@ class QuantRecipe:
             parts += ["--sparsity", self.sparsity]
         if self.dtype != AUTO_DTYPE:
             parts += ["--dtype", self.dtype]
+        if self.auto_fallback is not None:
+            parts += self.auto_fallback.command_args()
         return parts
 
     def command(self, source_label: str) -> str:

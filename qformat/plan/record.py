@@ -74,9 +74,12 @@ def module_statistics(plan: ConversionPlan, errors: Mapping[str, ModuleError], c
 
 def checkpoint_block(plan: ConversionPlan, recipe: QuantRecipe, *, source: dict[str, Any], command: str,
                      errors: Mapping[str, ModuleError], checkpoint_bytes: int,
-                     tensor_hashes: Mapping[str, str] | None = None) -> dict[str, Any]:
+                     tensor_hashes: Mapping[str, str] | None = None,
+                     evaluation: list[dict[str, Any]] | None = None,
+                     fallback_search: dict[str, Any] | None = None) -> dict[str, Any]:
     """The whole `quantization_config` dict: rules from `plan`, `provenance` (qformat version, environment,
-    `source`, the recipe and an equivalent command, tensor hashes) and `statistics`."""
+    `source`, the recipe and an equivalent command, tensor hashes), `statistics`, and the `evaluation` and
+    `fallback_search` records of an accuracy-driven search (`qformat.search`) when one ran."""
     provenance = {
         "qformat_version": __version__,
         "environment": environment(),
@@ -86,4 +89,5 @@ def checkpoint_block(plan: ConversionPlan, recipe: QuantRecipe, *, source: dict[
         "tensor_hashes": dict(sorted((tensor_hashes or {}).items())),
     }
     statistics = module_statistics(plan, errors, checkpoint_bytes)
-    return plan.config(provenance=provenance, statistics=statistics).to_dict()
+    return plan.config(provenance=provenance, statistics=statistics, evaluation=evaluation or None,
+                       fallback_search=fallback_search).to_dict()

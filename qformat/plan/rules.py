@@ -3,6 +3,7 @@
 Order of decisions (docs/FORMAT.md, "Resolving a module's scheme"):
 1. the output embedding is kept (reason `default`) unless an exact-name override asks for it; a tied one always is;
 2. `--ignore` patterns keep a module (reason `user`), and so does an override to "none";
+   a module a fallback search chose is kept with the search's entry (reason `sensitivity`);
 3. otherwise the module takes its override's scheme (exact name first, then the first matching `re:` pattern) or
    the default scheme;
 4. a module whose shape no kernel of its scheme takes is kept (reason `shape`);
@@ -14,6 +15,7 @@ The resulting config is checked to resolve every module back to the same decisio
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from qformat.plan.recipe import FULL_PRECISION, QuantRecipe
@@ -106,7 +108,7 @@ def default_fallback(module: LinearModule, *, exact_override: bool = False) -> F
 
 
 def _initial(module: LinearModule, options: QuantRecipe, overrides: RuleSet[str],
-             ignore: PatternSet) -> ModuleDecision:
+             ignore: PatternSet, searched: Mapping[str, FallbackEntry]) -> ModuleDecision:
     name = module.name
     rule = overrides.first(name)
     exact_rule = rule is not None and rule[0] == name
@@ -121,6 +123,8 @@ def _initial(module: LinearModule, options: QuantRecipe, overrides: RuleSet[str]
     if rule is not None and rule[1] == FULL_PRECISION:
         return ModuleDecision(module, fallback=FallbackEntry(
             module=name, reason="user", detail=f"--override {rule[0]}={FULL_PRECISION}"))
+    if name in searched:
+        return ModuleDecision(module, fallback=searched[name])
     scheme_name = rule[1] if rule is not None else options.default_scheme
     scheme = options.schemes[scheme_name]
     problem = shape_problem(scheme, module.out_features, module.in_features)
@@ -150,15 +154,21 @@ def _enforce_fused(decisions: dict[str, ModuleDecision], groups: list[tuple[str,
         )
 
 
-def plan_conversion(structure: ModelStructure, options: QuantRecipe) -> ConversionPlan:
-    """Decide every Linear module of `structure` under `options` (see the module docstring for the rules)."""
+def plan_conversion(structure: ModelStructure, options: QuantRecipe,
+                    searched: Mapping[str, FallbackEntry] | None = None) -> ConversionPlan:
+    """Decide every Linear module of `structure` under `options` (see the module docstring for the rules).
+    `searched`: the modules a fallback search chose to keep (`qformat.search`), by checkpoint name."""
+    searched = searched or {}
+    unknown = sorted(set(searched) - set(structure.linears))
+    if unknown:
+        raise OptionError(f"the fallback search named {unknown[0]}, which is not a Linear module of this model")
     names = set(structure.linears)
     _check_exact_names(list(options.ignore), names, "--ignore")
     _check_exact_names([p for p, _ in options.overrides], names, "--override")
     overrides = [(p, options.canonical_override(s)) for p, s in options.overrides]
     rules = RuleSet(overrides, what="--override")
     ignore = PatternSet(options.ignore, what="--ignore")
-    decisions = {name: _initial(m, options, rules, ignore) for name, m in structure.linears.items()}
+    decisions = {name: _initial(m, options, rules, ignore, searched) for name, m in structure.linears.items()}
     table = fused_groups_for(structure.model_type)
     _enforce_fused(decisions, group_modules(list(structure.linears), table))
     scheme_overrides = tuple((p, s) for p, s in overrides if s != FULL_PRECISION)

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-__all__ = ["TINY_ARCHITECTURES", "build_tiny_model", "save_random_llama", "save_tiny_model"]
+__all__ = ["TINY_ARCHITECTURES", "build_tiny_model", "save_byte_tokenizer", "save_random_llama", "save_tiny_model"]
 
 
 def _llama():
@@ -171,4 +171,26 @@ def save_random_llama(folder: Path, *, hidden_size: int, num_layers: int, vocab_
                          num_key_value_heads=max(1, hidden_size // 128), vocab_size=vocab_size,
                          max_position_embeddings=256, tie_word_embeddings=False)
     LlamaForCausalLM(config).to(dtype).save_pretrained(folder)
+    return folder
+
+
+def save_byte_tokenizer(folder: Path) -> Path:
+    """Save a byte-level tokenizer of exactly 256 tokens (one per byte, no merges) into `folder`, so the tiny models
+    (vocabulary 256) can be evaluated on real text. Byte 0 doubles as the pad token (text never contains it)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    # ByteLevel shows byte b as a printable character: itself where printable, else chr(256 + n) in byte order
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    mapping = {b: chr(b) for b in printable} | {b: chr(256 + n) for n, b in enumerate(others)}
+    vocab = {mapping[b]: b for b in range(256)}
+    assert set(vocab) == set(pre_tokenizers.ByteLevel.alphabet())
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.add_special_tokens([mapping[0]])  # already in the vocabulary: keeps id 0 instead of adding id 256
+    (folder / "special_tokens_map.json").unlink(missing_ok=True)  # save_tiny_model's "<pad>" is not in this vocab
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token=mapping[0], model_max_length=128)
+    fast.save_pretrained(folder)
     return folder

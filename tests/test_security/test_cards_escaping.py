@@ -118,8 +118,9 @@ def test_hostile_config_strings_do_not_change_the_card_structure(hostile_ckpt):
     assert [len(r) for r in fallback] == [3] * 6  # header + 5 entries, 3 columns each
     assert fallback[1][2] == FLAT and fallback[5] == [f"evil{FLAT}", "user", FLAT]
     assert [len(r) for r in size] == [4, 4]
-    assert evaluation == [["Task", "Dataset", "Metric", "Baseline", "Quantized", "Recovery"],
-                          [FLAT, FLAT, FLAT, "1", "0.5", "50.0 %"]]
+    # the recorded change and recovery are shown, never computed from quantized / baseline: "-" where not recorded
+    assert evaluation == [["Metric", "Text", "Source", "Quantized", "Change", "Recovery"],
+                          [FLAT, FLAT, "1", "0.5", "-", "-"]]
     command = [t for t in tokens if t.type == "fence"][-1]
     assert command.content == "\n".join(f"qformat convert SRC OUT\n{HOSTILE}".splitlines()) + "\n"  # verbatim lines
     data = yaml.safe_load(text.split("\n---\n", 1)[0].removeprefix("---\n"))
