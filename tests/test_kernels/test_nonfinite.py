@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from qformat.kernels.int8_dynamic import cpu_path
 from qformat.kernels import (
     CPU_WEIGHT_LEFT_MAX_TOKENS,
     INT8PACK_MAX_TOKENS,
@@ -67,9 +68,8 @@ W8A16_CASES = [  # every CPU path on both sides of its token thresholds; K = 40 
     (1, BF16, 40, "cpu_int_mm_split"), (1, F16, 128, "cpu_int8pack"),
     (SPLIT_MAX_TOKENS, BF16, 128, "dequant_tiled"), (1, F32, 128, "dequant_tiled"),
 ]
-W8A8_CASES = [(m, dtype, 128, path) for dtype in (BF16, F32) for m, path in
-              ((1, "cpu_int_mm_wx"), (CPU_WEIGHT_LEFT_MAX_TOKENS - 1, "cpu_int_mm_wx"),
-               (CPU_WEIGHT_LEFT_MAX_TOKENS, "cpu_int_mm_xw"))]
+W8A8_CASES = [(m, dtype, 128, cpu_path(m)) for dtype in (BF16, F32)  # this CPU's paths (int8_dynamic.cpu_path)
+              for m in (1, CPU_WEIGHT_LEFT_MAX_TOKENS - 1, CPU_WEIGHT_LEFT_MAX_TOKENS)]
 FP8_CASES = [(m, dtype, 128, "upcast") for m in (1, 17) for dtype in (BF16, F32)]
 CASES = {"w8a16": W8A16_CASES, "w8a8": W8A8_CASES, "fp8": FP8_CASES}
 

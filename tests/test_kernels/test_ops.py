@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from qformat.kernels.int8_dynamic import cpu_path
 from qformat.kernels import (
     CPU_WEIGHT_LEFT_MAX_TOKENS,
     INT8PACK_MAX_TOKENS,
@@ -109,7 +110,7 @@ def test_int8_dynamic_paths(device, dtype, m, n, k, kind):
     if device.type == "cuda":
         path = "cuda_int_mm"
     else:
-        path = "cpu_int_mm_wx" if m < CPU_WEIGHT_LEFT_MAX_TOKENS else "cpu_int_mm_xw"
+        path = cpu_path(m)
     assert log == [("int8_w8a8", path)]
     want = int8_dynamic_reference(x, w, s, b.to(dtype))
     if dtype == torch.float32:  # integer products are exact on both sides; only the final rescale rounds
@@ -184,3 +185,28 @@ def test_fp8_upcast_table_matches_the_cast_for_all_256_codes(dtype):
     assert ours.shape == ref.shape and ours.dtype == dtype
     assert torch.equal(torch.isnan(ours), torch.isnan(ref))
     assert torch.equal(ours[~torch.isnan(ref)], ref[~torch.isnan(ref)])
+
+
+@pytest.mark.parametrize("m, k", [(1, 64), (17, 1024), (300, 1025), (64, 3000)])
+def test_int8_dynamic_cpu_paths_give_identical_integers(monkeypatch, m, k):
+    """`cpu_exact_float` (CPUs without int8 dot products) and `_int_mm` give the same int32 sums, bit for bit, at
+    full-range operands (+-127) and K across the float32 chunk boundary."""
+    import qformat.kernels.int8_dynamic as mod
+
+    g = torch.Generator().manual_seed(k)
+    xq = torch.randint(-127, 128, (m, k), dtype=torch.int8, generator=g)
+    w = torch.randint(-127, 128, (48, k), dtype=torch.int8, generator=g)
+    xq[0], w[0] = 127, 127  # the largest sums
+    native = torch._int_mm(torch.nn.functional.pad(xq, (0, 0, 0, max(0, 17 - m))), w.t())[:m]
+    assert torch.equal(mod.exact_float_mm(xq, w), native)
+    assert torch.equal(native, (xq.to(torch.float64) @ w.to(torch.float64).t()).to(torch.int32))
+    x = torch.randn(m, k)
+    ws = torch.rand(48) + 0.5
+    outputs = {}
+    for flag in (True, False):
+        monkeypatch.setattr(mod, "CPU_NATIVE_INT_MM", flag)
+        with trace_paths() as log:
+            outputs[flag] = Int8Dynamic(w, ws, None)(x)
+        assert log == [("int8_w8a8", mod.cpu_path(m))]
+        assert (log[0][1] == "cpu_exact_float") == (not flag)
+    assert torch.equal(outputs[True], outputs[False])
