@@ -41,7 +41,11 @@ class EvaluationReport:
             base = "-" if r["baseline"] is None else f"{r['baseline']:.6g}"
             value = "-" if r["quantized"] is None else f"{r['quantized']:.6g}"
             change = "-" if r["relative_change"] is None else f"{100 * r['relative_change']:+.2f} %"
-            lines.append(f"| {r['dataset']} | {r['tokens']} | {r['metric']} | {base} | {value} | {change} |")
+            if r.get("tokens") is None and r.get("samples") is not None:  # an lm-evaluation-harness task
+                where, size = f"{r['task']}: {r['dataset']}", f"{r['samples']} samples"
+            else:
+                where, size = r["dataset"], r["tokens"]
+            lines.append(f"| {where} | {size} | {r['metric']} | {base} | {value} | {change} |")
         if self.recorded is not None:
             lines.append(f"recorded in {self.recorded}")
         return "\n".join(lines)
@@ -111,8 +115,13 @@ def _command(folder: Path, against: str | None, texts: list[EvalText], max_token
 
 def evaluate(model: str | os.PathLike[str], *, against: str | os.PathLike[str] | None = None,
              texts: list[str | os.PathLike[str]] | tuple[()] = (), max_tokens: int = DEFAULT_MAX_TOKENS,
+             tasks: list[str] | tuple[()] = (), include_path: str | os.PathLike[str] | None = None,
+             limit: int | None = None, num_fewshot: int | None = None, batch_size: int = 1,
              record: bool = False, progress: bool = False) -> EvaluationReport:
     """Evaluate the model folder `model`, against the full-precision `against` (a folder or Hub repo id) if given.
+
+    With `tasks`, runs those lm-evaluation-harness tasks instead (and only them; `qformat.eval.harness`, needs the
+    `harness` extra), with `include_path`, `limit`, `num_fewshot` and `batch_size` passed to it.
 
     Args:
         model: a model folder (a qformat checkpoint, or any transformers model).
@@ -126,8 +135,22 @@ def evaluate(model: str | os.PathLike[str], *, against: str | os.PathLike[str] |
         progress: show progress bars.
 
     Raises:
-        QFormatError: a folder that does not load, a bad text file, nothing to measure.
+        QFormatError: a folder that does not load, a bad text file, nothing to measure; with `tasks`, lm-eval not
+            installed or an unknown task.
     """
+    if tasks:
+        if texts:
+            raise OptionError("--tasks runs only lm-evaluation-harness tasks; measure --text files in a separate "
+                              "qformat eval run")
+        from qformat.eval.harness import run_harness
+
+        results = run_harness(model, list(tasks), include_path=include_path, limit=limit, against=against,
+                              batch_size=batch_size, num_fewshot=num_fewshot)
+        recorded = record_evaluation(model, results) if record else None
+        return EvaluationReport(tuple(results), recorded)
+    if include_path is not None or limit is not None or num_fewshot is not None:
+        raise OptionError("--include-path, --limit and --num-fewshot apply to lm-evaluation-harness tasks; "
+                          "give --tasks too")
     if max_tokens < 16:
         raise OptionError(f"--max-tokens must be at least 16, got {max_tokens}")
     folder = Path(model)

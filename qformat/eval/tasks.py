@@ -34,11 +34,36 @@ __all__ = ["CausalLMTask", "EncoderTask", "Reference", "Seq2SeqTask", "Task", "m
 #: Longest window (causal) or paragraph (encoder, seq2seq) in tokens; the model's own limit wins when smaller.
 MAX_WINDOW = 512
 MAX_PARAGRAPH = 128
+#: Characters of a text tokenized for a causal LM (64 MiB of text would take minutes to tokenize for nothing).
+MAX_TEXT_CHARS = 4_000_000
 #: Paragraphs per batch for encoders and seq2seq models.
 BATCH = 16
 #: Paragraphs a seq2seq model generates for (greedy, `GENERATE_TOKENS` new tokens each).
 GENERATE_INPUTS = 16
 GENERATE_TOKENS = 32
+
+
+def _spread(count: int, wanted: int) -> list[int]:
+    """`wanted` indices out of range(count), evenly spaced from the first to the last (all of them if fewer)."""
+    if wanted >= count:
+        return list(range(count))
+    return [round(i * (count - 1) / max(wanted - 1, 1)) for i in range(wanted)]
+
+
+def _spread_windows(ids: torch.Tensor, window: int, max_tokens: int) -> list[torch.Tensor]:
+    """Non-overlapping windows of `window` tokens, `max_tokens` in all, spread evenly over the whole text rather
+    than its first tokens: the start of a text is rarely typical of it (a search tuned on an easy first page
+    misjudges the rest)."""
+    windows = [ids[i:i + window] for i in range(0, len(ids), window)]
+    wanted = -(-max_tokens // window)
+    full = [w for w in windows if len(w) == window]
+    if len(full) >= wanted:  # the text's short tail window only when it is needed
+        windows = full
+    chosen = [windows[i] for i in _spread(len(windows), wanted)]
+    overshoot = sum(len(w) for w in chosen) - max_tokens
+    if overshoot > 0 and chosen:
+        chosen[-1] = chosen[-1][: max(len(chosen[-1]) - overshoot, 0)]
+    return chosen
 
 
 def model_kind(config: Any) -> str:
@@ -143,10 +168,8 @@ class CausalLMTask(Task):
                  progress: bool = False) -> None:
         super().__init__(tokenizer, text, max_tokens=max_tokens, progress=progress)
         self.window = window
-        ids = tokenizer(text.text[: max_tokens * 40], return_tensors="pt", verbose=False)["input_ids"][0]
-        ids = ids[: max_tokens]
-        windows = [ids[i:i + window] for i in range(0, len(ids), window)]
-        self.batches = [{"input_ids": w[None]} for w in windows if len(w) >= 2]
+        ids = tokenizer(text.text[:MAX_TEXT_CHARS], return_tensors="pt", verbose=False)["input_ids"][0]
+        self.batches = [{"input_ids": w[None]} for w in _spread_windows(ids, window, max_tokens) if len(w) >= 2]
         self.tokens = sum(b["input_ids"].shape[1] for b in self.batches)
 
     @classmethod
@@ -226,7 +249,8 @@ class _ParagraphTask(Task):
                  progress: bool = False) -> None:
         super().__init__(tokenizer, text, max_tokens=max_tokens, progress=progress)
         chosen, total = [], 0
-        for paragraph in paragraphs(text):
+        every = paragraphs(text)
+        for paragraph in every[:: _stride(every, max_tokens)]:  # spread over the whole text
             n = len(tokenizer(paragraph, truncation=True, max_length=max_length)["input_ids"])
             if total + n > max_tokens and chosen:
                 break
@@ -238,6 +262,12 @@ class _ParagraphTask(Task):
         self.tokens = total
         self.batches = [dict(tokenizer(chosen[i:i + BATCH], truncation=True, max_length=max_length, padding=True,
                                        return_tensors="pt")) for i in range(0, len(chosen), BATCH)]
+
+
+def _stride(paragraphs_: list[str], max_tokens: int) -> int:
+    """Take every n-th paragraph so that the chosen ones span the whole text (about 4 characters per token)."""
+    total_chars = sum(len(p) for p in paragraphs_)
+    return max(1, total_chars // max(4 * max_tokens, 1))
 
 
 class EncoderTask(_ParagraphTask):

@@ -178,3 +178,40 @@ def test_limit_without_source_and_record_round_trip(models, no_network, tmp_path
 
     shown, hidden = parse_evaluation(stored)
     assert hidden == 0 and [m.metric for m in shown] == ["acc", "acc_norm"] and shown[0].dataset == "questions.jsonl"
+
+
+@needs_lm_eval
+@pytest.mark.slow
+def test_cli_tasks_print_and_record_only_harness_results(models, no_network, tmp_path):
+    import shutil
+
+    from click.testing import CliRunner
+
+    from qformat.cli.main import cli
+
+    out = Path(shutil.copytree(models[1], tmp_path / "w8a8"))
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.name != "config.json"}
+    args = ["eval", str(out), "--tasks", TASK, "--include-path", str(FIXTURES), "--limit", "4"]
+    result = CliRunner().invoke(cli, [*args, "--record", "--json"])
+    assert result.exit_code == 0, result.output
+    printed = json.loads(result.stdout)
+    assert [(r["task"], r["metric"], r["samples"]) for r in printed] == [(TASK, "acc", 4), (TASK, "acc_norm", 4)]
+    stored = json.loads((out / "config.json").read_text())["quantization_config"]["evaluation"]
+    assert stored == printed  # only the harness's results: --tasks runs nothing else
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.name != "config.json"} == before
+    table = CliRunner().invoke(cli, args)
+    assert table.exit_code == 0 and f"| {TASK}: questions.jsonl | 4 samples | acc |" in table.stdout
+
+
+def test_cli_harness_options_do_not_mix_with_perplexity_options(models):
+    from click.testing import CliRunner
+
+    from qformat.cli.main import cli
+
+    runner = CliRunner()
+    mixed = runner.invoke(cli, ["eval", str(models[1]), "--tasks", TASK, "--text", "heldout"])
+    assert mixed.exit_code == 2 and "run them separately" in mixed.output and "Traceback" not in mixed.output
+    alone = runner.invoke(cli, ["eval", str(models[1]), "--limit", "3"])
+    assert alone.exit_code == 2 and "give --tasks too" in alone.output
+    empty = runner.invoke(cli, ["eval", str(models[1]), "--tasks", " , "])
+    assert empty.exit_code == 2 and "--tasks needs task names" in empty.output
