@@ -83,3 +83,20 @@ def tree_digest(folder: Path) -> str:
 @pytest.fixture
 def digest():
     return tree_digest
+
+
+@pytest.fixture(scope="session")
+def readable(tmp_path_factory: pytest.TempPathFactory):
+    """arch -> a saved tiny model of `arch` with a byte-level tokenizer (vocabulary 256, as the tiny models'), so it
+    reads real text; made once per session on first use."""
+    from qformat.testing.tiny_models import save_byte_tokenizer
+
+    root = tmp_path_factory.mktemp("readable")
+    made: dict[str, Path] = {}
+
+    def get(arch: str) -> Path:
+        if arch not in made:
+            made[arch] = save_byte_tokenizer(save_tiny_model(arch, root / arch))
+        return made[arch]
+
+    return get

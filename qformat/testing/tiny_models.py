@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-__all__ = ["TINY_ARCHITECTURES", "build_tiny_model", "save_byte_tokenizer", "save_random_llama", "save_tiny_model"]
+__all__ = ["TINY_ARCHITECTURES", "build_tiny_model", "save_byte_tokenizer", "save_fragile_llama", "save_random_llama",
+           "save_tiny_model"]
 
 
 def _llama():
@@ -194,3 +195,18 @@ def save_byte_tokenizer(folder: Path) -> Path:
     fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token=mapping[0], model_max_length=128)
     fast.save_pretrained(folder)
     return folder
+
+
+def save_fragile_llama(folder: Path, module: str, *, seed: int = 0) -> Path:
+    """The tiny Llama (with `save_byte_tokenizer`'s tokenizer) with one module made fragile to quantization: its
+    first input column is 100x its other weights, so each row's int8 scale is set by that column and every other
+    weight of the row rounds to zero or one step. The full-precision model is still an ordinary model (the column is
+    part of it). The head is scaled up 5x so that predictions are peaked: a random model's are near uniform, which
+    hides any damage. Sensitivity ranking and fallback-search tests plant a known culprit with it."""
+    model = build_tiny_model("llama", seed=seed)
+    with torch.no_grad():
+        weight = model.get_submodule(module).weight
+        weight[:, 0] = 100 * weight.abs().max()
+        model.lm_head.weight *= 5
+    model.save_pretrained(folder)
+    return save_byte_tokenizer(folder)

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import qformat
 from qformat import QFormatConfig
 
-from .conftest import damaged_llama
+from qformat.testing.tiny_models import save_fragile_llama as damaged_llama
 
 BUDGET = {"max_loss": 1e-4, "metric": "kl", "max_tokens": 128}
 

@@ -22,7 +22,7 @@ from qformat.search.sensitivity import fisher_sensitivity
 from qformat.search.units import units_of
 from qformat.search.variants import QuantizedVariants
 
-from .conftest import damaged_llama
+from qformat.testing.tiny_models import save_fragile_llama as damaged_llama
 
 SMALL = {"max_tokens": 128}
 
