@@ -1,8 +1,8 @@
 """The texts qformat evaluates and calibrates on, with their identity (a content hash) recorded beside each result.
 
 Built-in texts come from CPython's own documentation (`pydoc_data.topics`, shipped with every CPython, so they work
-offline): its topics, sorted by name, are dealt round-robin into three splits, repeated paragraphs dropped, so the splits share
-no paragraph, so calibration, the fallback
+offline): its paragraphs are dealt round-robin into three splits, repeated paragraphs dropped, so the splits share no
+paragraph and are alike in kind, so calibration, the fallback
 search and the held-out confirmation never read the same text. The text differs between Python versions; the
 recorded `text_sha256` says exactly which text a figure was measured on. Any UTF-8 file can be used instead.
 """
@@ -52,18 +52,23 @@ def builtin_text(split: str) -> EvalText:
 
 @functools.cache
 def _builtin_splits() -> tuple[str, ...]:
-    """Topics dealt round-robin by sorted name; a paragraph already dealt anywhere is dropped (several topics
-    repeat whole paragraphs of others), so no paragraph is in two splits."""
+    """The paragraphs of all topics (sorted by name) dealt round-robin, a paragraph already dealt dropped (several
+    topics repeat whole paragraphs of others): no paragraph is in two splits, and every split mixes prose, grammar
+    and code examples in the same proportions. Dealing whole topics instead made the splits differ in kind: on
+    SmolLM2 the same fp8 model lost under 1 % of perplexity on one split and 2.8 % on another, so a search tuned on
+    one said nothing about the other."""
     from pydoc_data.topics import topics
 
     seen: set[str] = set()
     splits: list[list[str]] = [[] for _ in BUILTIN_SPLITS]
-    for i, name in enumerate(sorted(topics)):
+    dealt = 0
+    for name in sorted(topics):
         for block in re.split(r"\n\s*\n", topics[name].strip()):
             key = " ".join(block.split())
             if key and key not in seen:
                 seen.add(key)
-                splits[i % len(BUILTIN_SPLITS)].append(block.strip("\n"))
+                splits[dealt % len(BUILTIN_SPLITS)].append(block.strip("\n"))
+                dealt += 1
     return tuple("\n\n".join(blocks) for blocks in splits)
 
 

@@ -3,7 +3,9 @@
 1. Score every unit in one pass (`fisher_sensitivity`, on the calibration text) and rank them, most sensitive first.
 2. Let f(k) be the loss with the top k units kept in full precision. f(0) is measured first; f(M) = 0 needs no
    measurement (the full-precision model), unless `max_fallback` caps k below M, in which case f(cap) is measured
-   to know whether the budget is reachable at all. Bisection then finds the smallest k with f(k) <= budget:
+   to know whether the budget is reachable at all. Where the task can bound its metric (perplexity: a one-sided
+   95 % bound from the paired per-token loss differences), a trial meets the budget only if the bound does, so
+   that the bisection does not pick a lucky draw. Bisection then finds the smallest k with f(k) <= budget:
    about log2(M) trials, each one full evaluation of the quantized model on the search text. INC's default
    strategy needs about N + k evaluations for N modules.
 3. The chosen set is evaluated once more on held-out text that neither the ranking nor the search saw; that
@@ -167,8 +169,9 @@ def _search(variants: QuantizedVariants, units: list[Unit], tasks: dict[str, Tas
         raise OptionError(f"--metric {chosen.name} does not apply to a {search_task.kind} model; choose one of "
                           f"{', '.join(dict.fromkeys([search_task.default_metric, *search_task.comparison_metrics]))}")
     variants.apply(u.name for u in units)  # full precision: the references
-    with torch.inference_mode():
-        search_ref: Reference = search_task.reference(model, cache=chosen.name in search_task.comparison_metrics)
+    with torch.inference_mode():  # cache=None: no comparisons needed, only the source's own values
+        search_ref: Reference = search_task.reference(
+            model, cache=True if chosen.name in search_task.comparison_metrics else None)
         heldout_ref: Reference = heldout_task.reference(model, cache=True)
     scores, sens_seconds = _timed(fisher_sensitivity, variants, tasks["calib"], progress=progress)
     ranked = sorted(((u, scores[u.name]) for u in units), key=lambda p: -p[1])
@@ -179,12 +182,13 @@ def _search(variants: QuantizedVariants, units: list[Unit], tasks: dict[str, Tas
         kept = [u.name for u, _ in ranked[:k]]
         variants.apply(kept)
         with torch.inference_mode():
-            values, seconds = _timed(search_task.measure, model,
-                                     search_ref if chosen.name in search_task.comparison_metrics else None)
+            values, seconds = _timed(search_task.measure, model, search_ref)
         loss = loss_of(chosen, baseline, values[chosen.name])
+        upper = search_task.upper.get(chosen.name)
+        bound = loss_of(chosen, baseline, upper) if upper is not None else loss
         entry = {"kept_units": k, "kept_modules": sum(len(u.members) for u, _ in ranked[:k]),
-                 "metric": _sig(values[chosen.name]), "loss": _sig(loss), "met": loss <= budget.max_loss,
-                 "seconds": round(seconds, 2), "fallback": kept}
+                 "metric": _sig(values[chosen.name]), "loss": _sig(loss), "loss_upper_95": _sig(bound),
+                 "met": bound <= budget.max_loss, "seconds": round(seconds, 2), "fallback": kept}
         trials.append(entry)
         logger.info("trial: %d units kept, %s %.6g (loss %+.3f %%)", k, chosen.name, values[chosen.name],
                     100 * loss)
@@ -207,6 +211,7 @@ def _search(variants: QuantizedVariants, units: list[Unit], tasks: dict[str, Tas
                   for name, value in held.items()]
     record = {
         "criterion": {"metric": chosen.name, "loss": chosen.loss, "max_loss": budget.max_loss,
+                      "met_when": "loss_upper_95" if search_task.upper else "loss",
                       "max_evals": budget.max_evals, "max_fallback": budget.max_fallback},
         "sensitivity": {"method": "fisher", "units": len(units), "seconds": round(sens_seconds, 2),
                         "text": tasks["calib"].identity()},

@@ -140,3 +140,22 @@ def test_eval_errors_are_one_line(readable, tmp_path):
     plain = runner.invoke(cli, ["eval", str(readable("llama")), "--max-tokens", "64", "--record"])
     assert plain.exit_code == 2 and "not a qformat checkpoint" in plain.output
     assert len(plain.output.strip().splitlines()) == 1 or "Traceback" not in plain.output
+
+
+@pytest.mark.slow
+def test_perplexity_upper_bound_is_paired_and_above_the_measurement(readable, tmp_path):
+    """The bound the fallback search compares with its budget: >= the measured perplexity, and equal to the
+    source's own perplexity when the model is the source (paired differences all zero)."""
+    from transformers import AutoTokenizer
+
+    from qformat.eval import load_model, make_task
+
+    source = readable("llama")
+    quantized = load_model(_convert(source, tmp_path / "q"))
+    fp = load_model(source)
+    task = make_task(fp, AutoTokenizer.from_pretrained(source), load_text("search"), max_tokens=256)
+    reference = task.reference(fp, cache=None)
+    assert not reference.has_outputs and len(reference.token_losses) == 254
+    assert task.measure(fp, reference)["perplexity"] == pytest.approx(task.upper["perplexity"], rel=1e-12)
+    value = task.measure(quantized, reference)["perplexity"]
+    assert task.upper["perplexity"] > value and set(task.measure(quantized, reference)) == {"perplexity"}

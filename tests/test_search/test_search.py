@@ -86,12 +86,12 @@ def test_a_fused_group_falls_back_as_a_whole_and_is_recorded(tmp_path):
 
 
 @pytest.mark.slow
-def test_an_unreachable_budget_stops_and_reports_the_best(readable, tmp_path):
+def test_an_unreachable_budget_stops_and_reports_the_best(tmp_path):
     runner = CliRunner()
     out = tmp_path / "q"
-    result = runner.invoke(cli, ["convert", str(readable("llama")), str(out), "--scheme", "w8a8-int8",
-                                 "--auto-fallback", "--max-loss", "0", "--max-fallback", "2",
-                                 "--search-tokens", "128"])
+    source = damaged_llama(tmp_path / "damaged", "model.layers.0.mlp.gate_proj")
+    result = runner.invoke(cli, ["convert", str(source), str(out), "--scheme", "w8a8-int8", "--auto-fallback",
+                                 "--metric", "kl", "--max-loss", "0", "--max-fallback", "2", "--search-tokens", "128"])
     assert result.exit_code == 0, result.output
     assert "unreachable within --max-fallback" in result.output and "the best reached keeps 2 of 8 units" in \
         result.output
