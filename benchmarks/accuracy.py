@@ -100,7 +100,7 @@ def main() -> None:
     parser.add_argument("--models", default="smollm2,minilm")
     parser.add_argument("--schemes", default="w8a16-int8,w8a8-int8,fp8-dynamic")
     parser.add_argument("--max-loss", default="1%")
-    parser.add_argument("--search-tokens", type=int, default=1024)
+    parser.add_argument("--search-tokens", type=int, default=4096)
     parser.add_argument("--inc", action="store_true", help="also run INC's tuning on SmolLM2 (peer venv)")
     args = parser.parse_args()
     from transformers import AutoTokenizer

@@ -62,7 +62,7 @@ Examples:
               help="Most full evaluations the search may use (trials plus the confirmation).")
 @click.option("--max-fallback", default=None, metavar="N|P%", help="Most units the search may keep (24 or 10%).")
 @click.option("--search-tokens", default=None, type=int, metavar="N",
-              help="Tokens of the calibration and search texts (held-out: double) [default: 1024].")
+              help="Tokens of the search text (calibration: a quarter, held-out: double) [default: 4096].")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists (only once the new one is complete).")
 def convert_command(source: str, output: str, scheme: str, ignore: tuple[str, ...], overrides: tuple[str, ...],
                     observer: str | None, sparsity: str | None, dtype: str, base_model: str | None,

@@ -42,7 +42,9 @@ class FallbackBudget:
         as bisection needs (about log2 of the number of units, plus 2).
     max_fallback: the most units the search may keep in full precision (an int, or a fraction of all units such as
         "10%"); None = all of them.
-    max_tokens: tokens of the calibration and search texts (the held-out text uses twice as many).
+    max_tokens: tokens of the search text (the calibration text uses a quarter, the held-out text twice as many).
+        4096 by default: the standard error of a relative perplexity change measured on n tokens is about
+        24 % / sqrt(n) on SmolLM2 W8A8 (0.75 % at 1024 tokens, 0.37 % at 4096), so a 1 % budget needs thousands.
     """
 
     max_loss: float = DEFAULT_MAX_LOSS
@@ -52,7 +54,7 @@ class FallbackBudget:
     heldout_text: str = "heldout"
     max_evals: int | None = None
     max_fallback: int | float | None = None
-    max_tokens: int = 1024
+    max_tokens: int = 4096
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "max_loss", parse_fraction(self.max_loss))
@@ -103,7 +105,7 @@ class FallbackBudget:
         if self.max_fallback is not None:
             parts += ["--max-fallback", f"{100 * self.max_fallback:g}%" if isinstance(self.max_fallback, float)
                       else str(self.max_fallback)]
-        if self.max_tokens != 1024:
+        if self.max_tokens != 4096:
             parts += ["--search-tokens", str(self.max_tokens)]
         return parts
 

@@ -103,7 +103,7 @@ def search_fallback(model: nn.Module, tokenizer: Any, plan: ConversionPlan, budg
              "heldout": load_text(budget.heldout_text)}
     if len({t.sha256 for t in texts.values()}) != 3:
         raise_same_texts(texts)
-    tokens = {"calib": budget.max_tokens, "search": budget.max_tokens,
+    tokens = {"calib": max(budget.max_tokens // 4, 64), "search": budget.max_tokens,
               "heldout": 2 * budget.max_tokens}
     tasks: dict[str, Task] = {k: make_task(model, tokenizer, t, max_tokens=tokens[k], folder=folder)
                               for k, t in texts.items()}
