@@ -1,7 +1,8 @@
 """Write evaluation results into an existing qformat checkpoint's config.json, and nothing else.
 
 `quantization_config.evaluation` (docs/FORMAT.md §11.4) is the only key that changes: a new result replaces the one
-with the same task, text and metric, others stay. The file is replaced atomically (written aside, renamed over
+with the same task, text, token count and metric, others stay (a search's 8192-token held-out confirmation and a
+later 2048-token `qformat eval` of the same text are two measurements). The file is replaced atomically (written aside, renamed over
 config.json, never through a link), so the weights and their recorded hashes stay valid and an interrupted write
 leaves the old config.json.
 """
@@ -21,11 +22,12 @@ __all__ = ["merge_results", "record_evaluation"]
 
 
 def _key(result: dict[str, Any]) -> tuple[Any, ...]:
-    return (result.get("task"), result.get("dataset"), result.get("text_sha256"), result.get("metric"))
+    return (result.get("task"), result.get("dataset"), result.get("text_sha256"), result.get("tokens"),
+            result.get("metric"))
 
 
 def merge_results(existing: list[dict[str, Any]] | None, new: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """`existing` with each of `new` replacing the entry for the same task, text and metric (order kept)."""
+    """`existing` with each of `new` replacing the entry for the same task, text, tokens and metric (order kept)."""
     merged = {_key(r): r for r in existing or [] if isinstance(r, dict)}
     for result in new:
         merged[_key(result)] = result

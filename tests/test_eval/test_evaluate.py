@@ -104,6 +104,8 @@ def test_eval_record_changes_only_the_evaluation(readable, tmp_path):
     CliRunner().invoke(cli, ["eval", str(out), "--text", "search", "--max-tokens", "128", "--record"])
     entries = json.loads((out / "config.json").read_text())["quantization_config"]["evaluation"]
     assert len(entries) == 4 and entries[-1]["dataset"] == "pydoc-topics/search" and entries[-1]["baseline"] is None
+    CliRunner().invoke(cli, ["eval", str(out), "--text", "search", "--max-tokens", "256", "--record"])  # another
+    assert len(json.loads((out / "config.json").read_text())["quantization_config"]["evaluation"]) == 5
 
 
 @pytest.mark.slow
