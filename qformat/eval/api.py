@@ -22,7 +22,7 @@ from qformat.eval.metrics import result_record
 from qformat.eval.record import record_evaluation
 from qformat.eval.tasks import make_task, model_kind
 
-__all__ = ["DEFAULT_MAX_TOKENS", "EvaluationReport", "evaluate", "load_model"]
+__all__ = ["DEFAULT_MAX_TOKENS", "EvaluationReport", "evaluate", "load_model", "load_tokenizer"]
 
 #: Tokens evaluated per text by default: enough for a stable perplexity on a small LM, a minute on 2 cores.
 DEFAULT_MAX_TOKENS = 2048
@@ -79,7 +79,9 @@ def load_model(folder: str | Path, kind: str | None = None) -> Any:
     return model.eval()
 
 
-def _tokenizer(*folders: Path) -> Any:
+def load_tokenizer(*folders: Path) -> Any:
+    """The tokenizer of the first of `folders` that has one that loads; `SourceError` naming the first folder
+    otherwise."""
     from transformers import AutoTokenizer
 
     for folder in folders:
@@ -165,7 +167,7 @@ def evaluate(model: str | os.PathLike[str], *, against: str | os.PathLike[str] |
 
         source_path = resolve_source(against).path
         source = load_model(source_path, kind)
-    tokenizer = _tokenizer(folder, *([source_path] if against is not None else []))
+    tokenizer = load_tokenizer(folder, *([source_path] if against is not None else []))
     command = _command(folder, None if against is None else str(against), eval_texts, max_tokens)
     results: list[dict[str, Any]] = []
     torch.manual_seed(0)

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from qformat.errors import OptionError, SourceError
-from qformat.eval.api import _source_label, _tokenizer, load_model
+from qformat.eval.api import _source_label, load_model, load_tokenizer
 from qformat.eval.tasks import model_kind
 
 __all__ = ["HARNESS_MISSING", "run_harness"]
@@ -131,7 +131,7 @@ def _run(folder: Path, tokenizer_folders: list[Path], kind: str, manager: Any, s
     from lm_eval.models.huggingface import HFLM
 
     model = load_model(folder, kind)
-    tokenizer = _tokenizer(*tokenizer_folders)
+    tokenizer = load_tokenizer(*tokenizer_folders)
     if tokenizer.bos_token_id is None and tokenizer.eos_token_id is None:
         raise SourceError(f"the tokenizer of {folder} has neither a BOS nor an EOS token; lm-evaluation-harness "
                           "scores each answer after one of them: give the tokenizer an eos_token")

@@ -45,16 +45,10 @@ def search_folder(folder: Path, recipe: QuantRecipe, *, source_label: str = "SOU
     """Load the full-precision model in `folder` (float32) with its tokenizer and search on it."""
     import gc
 
-    from transformers import AutoTokenizer
+    from qformat.eval.api import load_model, load_tokenizer
 
-    from qformat.eval.api import load_model
-
+    tokenizer = load_tokenizer(folder)  # before the model: a folder without one fails at once
     model = load_model(folder)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(folder)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise OptionError(f"--auto-fallback needs the source's tokenizer, and {folder} has none that loads "
-                          f"({type(exc).__name__}); copy the tokenizer files into it") from None
     try:
         return search_model(model, tokenizer, recipe, folder=folder, source_label=source_label, progress=progress)
     finally:
