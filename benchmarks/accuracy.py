@@ -82,9 +82,9 @@ def _auto(model, tokenizer, folder: Path, scheme: str, budget: FallbackBudget) -
     outcome = search_model(model, tokenizer, recipe, folder=folder)
     record, result = outcome.record, outcome.record["result"]
     held = next(r for r in outcome.evaluation if r["metric"] == record["criterion"]["metric"])
-    linear = len(plan_conversion(structure_of(model), QuantRecipe(scheme=scheme)).decisions)
-    default_kept = linear - sum(len(u.members) for u in units_of(plan_conversion(structure_of(model),
-                                                                                  QuantRecipe(scheme=scheme))))
+    plan = plan_conversion(structure_of(model), QuantRecipe(scheme=scheme))
+    linear = len(plan.decisions)
+    default_kept = linear - sum(len(u.members) for u in units_of(plan))
     units = record["sensitivity"]["units"]
     bound = math.ceil(math.log2(units + 1)) + 2
     status = "" if result["status"] == "met" and result["heldout_met"] else f" ({result['status']}" + (

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from qformat.errors import OptionError
+from qformat.plan.record import significant
 
 __all__ = [
     "METRICS",
@@ -86,8 +87,8 @@ def _recovery(m: Metric, baseline: float | None, value: float) -> float | None:
     return value / baseline if m.higher_is_better else baseline / value
 
 
-def _sig(x: float | None, digits: int = 6) -> float | None:
-    return None if x is None else float(f"{x:.{digits}g}")
+def _sig(x: float | None) -> float | None:
+    return None if x is None else significant(x)
 
 
 def result_record(name: str, *, task: str, text: dict[str, Any], baseline: float | None, quantized: float,

@@ -15,7 +15,7 @@ from qformat._version import __version__
 from qformat.plan.recipe import QuantRecipe
 from qformat.plan.rules import ConversionPlan
 
-__all__ = ["ModuleError", "WeightError", "checkpoint_block", "environment", "module_statistics"]
+__all__ = ["ModuleError", "WeightError", "checkpoint_block", "environment", "module_statistics", "significant"]
 
 
 class ModuleError(Protocol):
@@ -40,7 +40,8 @@ class WeightError:
         return cls(measured.rel_error, measured.rel_quant_error)
 
 
-def _sig(x: float) -> float:
+def significant(x: float) -> float:
+    """`x` rounded to the 6 significant digits every figure in `quantization_config` is recorded with."""
     return float(f"{x:.6g}")
 
 
@@ -60,9 +61,9 @@ def module_statistics(plan: ConversionPlan, errors: Mapping[str, ModuleError], c
     for decision in plan.quantized:
         name = decision.module.name
         entry: dict[str, Any] = {"scheme": decision.scheme_name, "observer": decision.observer,
-                                 "rel_error": _sig(errors[name].rel_error)}
+                                 "rel_error": significant(errors[name].rel_error)}
         if decision.scheme is not None and decision.scheme.sparsity is not None:
-            entry["rel_quant_error"] = _sig(errors[name].rel_quant_error)
+            entry["rel_quant_error"] = significant(errors[name].rel_quant_error)
         modules[name] = entry
     return {
         "linear_modules": len(plan.decisions),

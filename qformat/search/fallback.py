@@ -25,9 +25,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from qformat.errors import OptionError
 from qformat.eval.data import load_text
 from qformat.eval.metrics import loss_of, metric as metric_named, result_record
 from qformat.eval.tasks import Reference, Task, make_task
+from qformat.plan.record import significant
 from qformat.plan.rules import ConversionPlan
 from qformat.search.criterion import FallbackBudget
 from qformat.search.sensitivity import fisher_sensitivity
@@ -76,10 +78,6 @@ def _timed(fn: Any, *args: Any, **kwargs: Any) -> tuple[Any, float]:
     return out, time.perf_counter() - start
 
 
-def _sig(x: float) -> float:
-    return float(f"{x:.6g}")
-
-
 def _entries(ranked: list[tuple[Unit, float]], k: int) -> dict[str, FallbackEntry]:
     entries = {}
     for rank, (unit, score) in enumerate(ranked[:k], start=1):
@@ -88,7 +86,7 @@ def _entries(ranked: list[tuple[Unit, float]], k: int) -> dict[str, FallbackEntr
             entries[member.name] = FallbackEntry(
                 module=member.name, reason="sensitivity",
                 detail=f"sensitivity rank {rank} of {len(ranked)} units (Fisher score {score:.3g}){group}",
-                measured={"score": _sig(score), "rank": rank, "units": len(ranked)})
+                measured={"score": significant(score), "rank": rank, "units": len(ranked)})
     return entries
 
 
@@ -102,7 +100,8 @@ def search_fallback(model: nn.Module, tokenizer: Any, plan: ConversionPlan, budg
     texts = {"calib": load_text(budget.calib), "search": load_text(budget.eval_text),
              "heldout": load_text(budget.heldout_text)}
     if len({t.sha256 for t in texts.values()}) != 3:
-        raise_same_texts(texts)
+        raise OptionError("the calibration, search and held-out texts have the same content; give three "
+                          "different texts (--calib, --eval-text, --heldout-text)")
     tokens = {"calib": max(budget.max_tokens // 4, 64), "search": budget.max_tokens,
               "heldout": 2 * budget.max_tokens}
     tasks: dict[str, Task] = {k: make_task(model, tokenizer, t, max_tokens=tokens[k], folder=folder)
@@ -152,20 +151,11 @@ def _bisect(trial: Any, units: list[Unit], cap: int, max_trials: int) -> tuple[d
     return best, "met"
 
 
-def raise_same_texts(texts: dict[str, Any]) -> None:
-    from qformat.errors import OptionError
-
-    raise OptionError("the calibration, search and held-out texts have the same content; give three different "
-                      "texts (--calib, --eval-text, --heldout-text)")
-
-
 def _search(variants: QuantizedVariants, units: list[Unit], tasks: dict[str, Task], chosen: Any,
             budget: FallbackBudget, start: float, progress: bool, eval_command: str) -> SearchOutcome:
     model = variants.model
     search_task, heldout_task = tasks["search"], tasks["heldout"]
     if chosen.name not in search_task.comparison_metrics and chosen.name != search_task.default_metric:
-        from qformat.errors import OptionError
-
         raise OptionError(f"--metric {chosen.name} does not apply to a {search_task.kind} model; choose one of "
                           f"{', '.join(dict.fromkeys([search_task.default_metric, *search_task.comparison_metrics]))}")
     variants.apply(u.name for u in units)  # full precision: the references
@@ -187,7 +177,7 @@ def _search(variants: QuantizedVariants, units: list[Unit], tasks: dict[str, Tas
         upper = search_task.upper.get(chosen.name)
         bound = loss_of(chosen, baseline, upper) if upper is not None else loss
         entry = {"kept_units": k, "kept_modules": sum(len(u.members) for u, _ in ranked[:k]),
-                 "metric": _sig(values[chosen.name]), "loss": _sig(loss), "loss_upper_95": _sig(bound),
+                 "metric": significant(values[chosen.name]), "loss": significant(loss), "loss_upper_95": significant(bound),
                  "met": bound <= budget.max_loss, "seconds": round(seconds, 2), "fallback": kept}
         trials.append(entry)
         logger.info("trial: %d units kept, %s %.6g (loss %+.3f %%)", k, chosen.name, values[chosen.name],
@@ -199,8 +189,6 @@ def _search(variants: QuantizedVariants, units: list[Unit], tasks: dict[str, Tas
     if best_met is None and status == "met":  # everything kept: the full-precision model, loss 0 by definition
         best_met = {"kept_units": len(units), "kept_modules": sum(len(u.members) for u in units), "loss": 0.0}
     final = best_met if best_met is not None else (min(trials, key=lambda t: t["loss"]) if trials else None)
-    if final is None:  # no units, or no trial allowed
-        status = "met" if not units else status
     k = final["kept_units"] if final is not None else 0
     variants.apply([u.name for u, _ in ranked[:k]])
     with torch.inference_mode():
@@ -217,12 +205,12 @@ def _search(variants: QuantizedVariants, units: list[Unit], tasks: dict[str, Tas
                         "text": tasks["calib"].identity()},
         "search_text": search_task.identity(),
         "heldout_text": heldout_task.identity(),
-        "baseline": _sig(baseline),
+        "baseline": significant(baseline),
         "trials": trials,
         "evaluations": len(trials) + 1,
         "result": {"status": status, "kept_units": k,
                    "kept_modules": sum(len(u.members) for u, _ in ranked[:k]),
-                   "loss": final["loss"] if final is not None else 0.0, "heldout_loss": _sig(held_loss),
+                   "loss": final["loss"] if final is not None else 0.0, "heldout_loss": significant(held_loss),
                    "heldout_met": held_loss <= budget.max_loss, "heldout_seconds": round(held_seconds, 2)},
         "seconds": round(time.perf_counter() - start, 2),
     }
