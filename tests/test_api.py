@@ -26,6 +26,6 @@ def test_import_is_light_and_api_functions_are_callable():
     code = "import qformat, sys; assert 'torch' not in sys.modules and 'transformers' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
     assert callable(qformat.convert) and callable(qformat.inspect) and callable(qformat.verify)
-    assert qformat.FORMAT_VERSION == 1
+    assert qformat.FORMAT_VERSION == 2
     assert issubclass(qformat.SourceError, qformat.QFormatError) and issubclass(qformat.SourceError, ValueError)
     assert issubclass(qformat.WriteError, OSError)

@@ -22,6 +22,8 @@ Examples:
   qformat convert ./llama ./llama-24 --scheme w8a16-int8 --sparsity 2:4
   qformat convert ./gemma-fp32 ./gemma-int8 --scheme w8a16-int8 --dtype bfloat16
   qformat convert ./smollm2 ./smollm2-int8 --scheme w8a8-int8 --auto-fallback --max-loss 1%
+  qformat convert ./smollm2 ./smollm2-int8 --scheme w8a8-int8 --outlier-threshold 6.0
+  qformat convert ./smollm2 ./smollm2-sq --scheme w8a8-int8 --smoothquant --alpha 0.5 --calib calib.txt
 """
 
 
@@ -45,6 +47,16 @@ Examples:
               help="Hub repo id to record as the base model of a local SOURCE.")
 @click.option("--revision", default=None, help="Branch, tag or commit of a Hub SOURCE.")
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard.")
+@click.option("--outlier-threshold", default=None, type=float, metavar="T",
+              help="LLM.int8() decomposition for int8 W8A8 modules: input columns where a token reaches |x| >= T "
+                   "are multiplied in float (bitsandbytes' default is 6.0). Recorded in the checkpoint.")
+@click.option("--smoothquant", is_flag=True,
+              help="Fold SmoothQuant's per-channel factors (from --calib text) into the norms and weights before "
+                   "quantizing, where the fold is exact for the architecture.")
+@click.option("--alpha", default=None, type=float, metavar="A",
+              help="SmoothQuant migration strength, 0..1 [default: 0.5].")
+@click.option("--smooth-tokens", default=None, type=int, metavar="N",
+              help="Tokens of calibration text SmoothQuant runs [default: 2048].")
 @click.option("--auto-fallback", is_flag=True,
               help="Keep the most sensitive modules in full precision until the measured loss fits --max-loss "
                    "(sensitivity in one pass, then a bisection search, confirmed on held-out text).")
@@ -54,7 +66,8 @@ Examples:
 @click.option("--metric", default=None, metavar="METRIC",
               help="What --auto-fallback measures: ppl, kl, top1 (causal LMs), cosine, rank (encoders), loss, "
                    "rouge (seq2seq) [default: ppl / cosine / loss].")
-@click.option("--calib", default=None, metavar="FILE", help="Text for the sensitivity estimate [default: built-in].")
+@click.option("--calib", default=None, metavar="FILE",
+              help="Calibration text for SmoothQuant's factors and the sensitivity estimate [default: built-in].")
 @click.option("--eval-text", default=None, metavar="FILE", help="Text the search evaluates on [default: built-in].")
 @click.option("--heldout-text", default=None, metavar="FILE",
               help="Text the final choice is confirmed on [default: built-in, unseen by the search].")
@@ -66,7 +79,8 @@ Examples:
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists (only once the new one is complete).")
 def convert_command(source: str, output: str, scheme: str, ignore: tuple[str, ...], overrides: tuple[str, ...],
                     observer: str | None, sparsity: str | None, dtype: str, base_model: str | None,
-                    revision: str | None, max_shard_size: str, auto_fallback: bool, max_loss: str | None,
+                    revision: str | None, max_shard_size: str, outlier_threshold: float | None, smoothquant: bool,
+                    alpha: float | None, smooth_tokens: int | None, auto_fallback: bool, max_loss: str | None,
                     metric: str | None, calib: str | None, eval_text: str | None, heldout_text: str | None,
                     max_evals: int | None, max_fallback: str | None, search_tokens: int | None,
                     overwrite: bool) -> None:
@@ -76,20 +90,37 @@ def convert_command(source: str, output: str, scheme: str, ignore: tuple[str, ..
         from qformat.checkpoint.inspect import inspect
         from qformat.converter import convert
 
-        budget = _budget(auto_fallback, max_loss=max_loss, metric=metric, calib=calib, eval_text=eval_text,
+        smoothing = _smoothing(smoothquant, alpha=alpha, calib=calib, max_tokens=smooth_tokens)
+        budget = _budget(auto_fallback, max_loss=max_loss, metric=metric,
+                         calib=calib if auto_fallback or not smoothquant else None, eval_text=eval_text,
                          heldout_text=heldout_text, max_evals=max_evals, max_fallback=max_fallback,
                          max_tokens=search_tokens)
-        if budget is not None:
+        if budget is not None or smoothing is not None:
             from transformers.utils import logging as hf_logging
 
-            hf_logging.disable_progress_bar()  # the search loads the model; its "Loading weights" bar is noise
+            hf_logging.disable_progress_bar()  # the model is loaded to calibrate; its "Loading weights" bar is noise
         result = convert(source, output, scheme=scheme, ignore=ignore, overrides=overrides, observer=observer,
                          sparsity=sparsity, dtype=dtype, base_model=base_model, revision=revision,
-                         max_shard_size=max_shard_size, auto_fallback=budget, overwrite=overwrite,
+                         max_shard_size=max_shard_size, outlier_threshold=outlier_threshold, smoothquant=smoothing,
+                         auto_fallback=budget, overwrite=overwrite,
                          progress=sys.stderr.isatty())
         click.echo(inspect(result.output).to_text())
         if result.search is not None:
             click.echo(result.search.summary(), err=result.search.status != "met")
+
+
+def _smoothing(enabled: bool, **given: object) -> object:
+    """The SmoothQuant options asked for (None without --smoothquant; --alpha and --smooth-tokens need it)."""
+    from qformat.errors import OptionError
+    from qformat.smooth import SmoothQuant
+
+    given = {k: v for k, v in given.items() if v is not None}
+    if not enabled:
+        flags = [f for f, key in (("--alpha", "alpha"), ("--smooth-tokens", "max_tokens")) if key in given]
+        if flags:
+            raise OptionError(f"{', '.join(flags)} only apply with --smoothquant; add it or drop them")
+        return None
+    return SmoothQuant(**given)  # type: ignore[arg-type]
 
 
 def _budget(enabled: bool, **given: object) -> object:

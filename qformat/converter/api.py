@@ -17,6 +17,7 @@ from qformat.plan.rules import ConversionPlan, plan_conversion
 from qformat.search.api import search_folder
 from qformat.search.criterion import FallbackBudget
 from qformat.search.fallback import SearchOutcome
+from qformat.smooth.options import SmoothQuant
 from qformat.io.resolve import ResolvedSource, resolve_source_for
 from qformat.models.structure import analyze_structure
 from qformat.errors import CorruptCheckpointError, SourceError, UnsupportedModelError
@@ -95,8 +96,9 @@ def convert(source: str | os.PathLike[str], output: str | os.PathLike[str], *, s
             ignore: tuple[str, ...] | list[str] = (), overrides: tuple[tuple[str, str], ...] | list[Any] = (),
             observer: str | None = None, sparsity: str | None = None, dtype: str = "auto",
             base_model: str | None = None, revision: str | None = None, max_shard_size: int | str = "5GB",
-            auto_fallback: FallbackBudget | dict[str, Any] | bool | None = None, overwrite: bool = False,
-            progress: bool = False) -> ConvertResult:
+            auto_fallback: FallbackBudget | dict[str, Any] | bool | None = None,
+            outlier_threshold: float | None = None, smoothquant: SmoothQuant | dict[str, Any] | bool | None = None,
+            overwrite: bool = False, progress: bool = False) -> ConvertResult:
     """Convert a Hugging Face model into a qformat checkpoint at `output`.
 
     Args:
@@ -116,6 +118,11 @@ def convert(source: str | os.PathLike[str], output: str | os.PathLike[str], *, s
             budget (1 %), or a `FallbackBudget` (or a dict of its fields: max_loss, metric, calib, eval_text,
             heldout_text, max_evals, max_fallback, max_tokens). The modules it keeps get reason `sensitivity`; its
             log and the held-out evaluation are recorded in config.json. Needs the source's tokenizer.
+        outlier_threshold: LLM.int8() decomposition threshold for the int8 W8A8 modules (e.g. 6.0), recorded in
+            the checkpoint (format version 2; docs/FORMAT.md section 8.4).
+        smoothquant: fold SmoothQuant factors into the model before quantizing: True (alpha 0.5, built-in
+            calibration text) or a `qformat.smooth.SmoothQuant` (or a dict of its fields: alpha, calib,
+            max_tokens). Needs the source's tokenizer.
         progress: show a progress bar of bytes converted.
 
     Returns:
@@ -129,7 +136,8 @@ def convert(source: str | os.PathLike[str], output: str | os.PathLike[str], *, s
     pairs = tuple(parse_override(o) if isinstance(o, str) else (o[0], o[1]) for o in overrides)
     options = ConvertOptions(scheme=scheme, ignore=tuple(ignore), overrides=pairs, observer=observer,
                              sparsity=sparsity, dtype=dtype, base_model=base_model, revision=revision,
-                             max_shard_size=parse_size(max_shard_size), auto_fallback=auto_fallback)
+                             max_shard_size=parse_size(max_shard_size), auto_fallback=auto_fallback,
+                             outlier_threshold=outlier_threshold, smoothquant=smoothquant)
     out = Path(output)
     src = resolve_source_for(source, out, revision=revision, overwrite=overwrite)
     checkpoint = SourceCheckpoint(src.path)

@@ -15,8 +15,9 @@ from typing import Any
 from qformat.errors import OptionError
 from qformat.quantize.observers import OBSERVERS
 from qformat.search.criterion import FallbackBudget
+from qformat.smooth.options import SmoothQuant
 from qformat.spec.patterns import PatternSet, RuleSet
-from qformat.spec.schemes import SPARSITY_2_4, Scheme, resolve_scheme_name
+from qformat.spec.schemes import SPARSITY_2_4, Scheme, decomposes, resolve_scheme_name
 
 __all__ = ["AUTO_DTYPE", "DTYPES", "FULL_PRECISION", "QuantRecipe", "parse_override"]
 
@@ -66,6 +67,36 @@ def _budget(value: Any) -> FallbackBudget | None:
     return value
 
 
+def _smoothquant(value: Any) -> SmoothQuant | None:
+    """None/False: no smoothing; True: alpha 0.5 on the built-in calibration text; a dict of `SmoothQuant` fields;
+    or a `SmoothQuant`."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return SmoothQuant()
+    if isinstance(value, dict):
+        try:
+            return SmoothQuant(**value)
+        except TypeError as exc:
+            raise OptionError(f"smoothquant: {exc}; see qformat.smooth.SmoothQuant for its fields") from None
+    if not isinstance(value, SmoothQuant):
+        raise OptionError(f"smoothquant must be True, a dict or a SmoothQuant, not {type(value).__name__}")
+    return value
+
+
+def _threshold(value: Any) -> float | None:
+    """LLM.int8()'s outlier threshold: None, or a positive finite number (bitsandbytes users try 5, 6 and 8)."""
+    if value is None:
+        return None
+    try:
+        threshold = float(value)
+    except (TypeError, ValueError):
+        raise OptionError(f"--outlier-threshold must be a number such as 6.0, got {value!r}") from None
+    if isinstance(value, bool) or not 0 < threshold < float("inf"):
+        raise OptionError(f"--outlier-threshold must be a positive finite number such as 6.0, got {value!r}")
+    return threshold
+
+
 def _dtype_name(value: Any) -> str:
     """"auto", or the name of a float dtype ("bfloat16"); accepts torch dtypes and "bf16"-style short names."""
     text = str(value).removeprefix("torch.") if value is not None else AUTO_DTYPE
@@ -86,6 +117,10 @@ class QuantRecipe:
     every scheme. `dtype` is the dtype of the tensors kept in full precision ("auto": the source's).
     `auto_fallback` (a `FallbackBudget`, or True for the default 1 % budget) keeps the most sensitive modules in full
     precision until the measured loss fits the budget (`qformat.search`).
+    `outlier_threshold` makes the int8 W8A8 modules run LLM.int8()'s decomposition: input columns where a token
+    reaches the threshold are multiplied in float (docs/FORMAT.md section 8.4); it is recorded in the checkpoint.
+    `smoothquant` (a `SmoothQuant`, or True for alpha 0.5 on the built-in calibration text) folds SmoothQuant's
+    per-channel factors into the model before quantizing (`qformat.smooth`).
     """
 
     scheme: str = "w8a8-int8"
@@ -95,6 +130,8 @@ class QuantRecipe:
     sparsity: str | None = None
     dtype: str = AUTO_DTYPE
     auto_fallback: FallbackBudget | None = None
+    outlier_threshold: float | None = None
+    smoothquant: SmoothQuant | None = None
     schemes: dict[str, Scheme] = field(init=False, repr=False, compare=False)
     default_scheme: str = field(init=False, repr=False, compare=False)
 
@@ -107,6 +144,8 @@ class QuantRecipe:
         object.__setattr__(self, "overrides", _overrides(self.overrides))
         object.__setattr__(self, "dtype", _dtype_name(self.dtype))
         object.__setattr__(self, "auto_fallback", _budget(self.auto_fallback))
+        object.__setattr__(self, "outlier_threshold", _threshold(self.outlier_threshold))
+        object.__setattr__(self, "smoothquant", _smoothquant(self.smoothquant))
         if self.sparsity not in (None, SPARSITY_2_4):
             raise OptionError(f"sparsity must be '2:4', not {self.sparsity!r}")
         if self.observer is not None and self.observer not in OBSERVERS:
@@ -122,6 +161,12 @@ class QuantRecipe:
                 schemes[name] = sch
         object.__setattr__(self, "schemes", schemes)
         object.__setattr__(self, "default_scheme", default)
+        if self.outlier_threshold is not None and not any(decomposes(s) for s in schemes.values()):
+            raise OptionError(f"--outlier-threshold applies to int8 W8A8 modules (w8a8-int8), and no scheme of this "
+                              f"recipe is one ({', '.join(schemes)}); use --scheme w8a8-int8 or drop the threshold")
+        if self.smoothquant is not None and not any(s.input_activations is not None for s in schemes.values()):
+            raise OptionError(f"--smoothquant helps schemes that quantize activations (w8a8-int8, fp8-dynamic), and "
+                              f"no scheme of this recipe does ({', '.join(schemes)}); drop --smoothquant")
 
     def canonical_override(self, target: str) -> str:
         """The scheme name an override's target resolves to, or "none"."""
@@ -137,7 +182,8 @@ class QuantRecipe:
     def recipe(self) -> QuantRecipe:
         """The recipe alone (a subclass's extra options dropped): what two quantizations must share to agree."""
         return QuantRecipe(scheme=self.scheme, ignore=self.ignore, overrides=self.overrides, observer=self.observer,
-                           sparsity=self.sparsity, dtype=self.dtype, auto_fallback=self.auto_fallback)
+                           sparsity=self.sparsity, dtype=self.dtype, auto_fallback=self.auto_fallback,
+                           outlier_threshold=self.outlier_threshold, smoothquant=self.smoothquant)
 
     def to_record(self) -> dict[str, Any]:
         """The recipe as recorded in the checkpoint's provenance (`options`)."""
@@ -149,6 +195,8 @@ class QuantRecipe:
             "sparsity": self.sparsity,
             "dtype": self.dtype,
             **({"auto_fallback": self.auto_fallback.to_record()} if self.auto_fallback is not None else {}),
+            **({"outlier_threshold": self.outlier_threshold} if self.outlier_threshold is not None else {}),
+            **({"smoothquant": self.smoothquant.to_record()} if self.smoothquant is not None else {}),
         }
 
     def command_args(self) -> list[str]:
@@ -164,6 +212,10 @@ class QuantRecipe:
             parts += ["--sparsity", self.sparsity]
         if self.dtype != AUTO_DTYPE:
             parts += ["--dtype", self.dtype]
+        if self.outlier_threshold is not None:
+            parts += ["--outlier-threshold", f"{self.outlier_threshold:g}"]
+        if self.smoothquant is not None:
+            parts += self.smoothquant.command_args()
         if self.auto_fallback is not None:
             parts += self.auto_fallback.command_args()
         return parts

@@ -77,9 +77,11 @@ def checkpoint_block(plan: ConversionPlan, recipe: QuantRecipe, *, source: dict[
                      errors: Mapping[str, ModuleError], checkpoint_bytes: int,
                      tensor_hashes: Mapping[str, str] | None = None,
                      evaluation: list[dict[str, Any]] | None = None,
-                     fallback_search: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The whole `quantization_config` dict: rules from `plan`, `provenance` (qformat version, environment,
-    `source`, the recipe and an equivalent command, tensor hashes), `statistics`, and the `evaluation` and
+                     fallback_search: dict[str, Any] | None = None,
+                     smoothing: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The whole `quantization_config` dict: rules from `plan`, the recipe's `outlier_threshold`, `provenance`
+    (qformat version, environment, `source`, the recipe and an equivalent command, tensor hashes, and the
+    `smoothquant` record when SmoothQuant ran: `smoothing`), `statistics`, and the `evaluation` and
     `fallback_search` records of an accuracy-driven search (`qformat.search`) when one ran."""
     provenance = {
         "qformat_version": __version__,
@@ -88,7 +90,8 @@ def checkpoint_block(plan: ConversionPlan, recipe: QuantRecipe, *, source: dict[
         "options": recipe.to_record(),
         "command": command,
         "tensor_hashes": dict(sorted((tensor_hashes or {}).items())),
+        **({"smoothquant": smoothing} if smoothing is not None else {}),
     }
     statistics = module_statistics(plan, errors, checkpoint_bytes)
     return plan.config(provenance=provenance, statistics=statistics, evaluation=evaluation or None,
-                       fallback_search=fallback_search).to_dict()
+                       fallback_search=fallback_search, outlier_threshold=recipe.outlier_threshold).to_dict()

@@ -3,7 +3,15 @@
 Importing this subpackage does not import torch. docs/FORMAT.md is the normative text.
 """
 
-from qformat.spec.config import FALLBACK_REASONS, FORMAT_VERSION, QUANT_METHOD, FallbackEntry, CheckpointConfig
+from qformat.spec.config import (
+    FALLBACK_REASONS,
+    FORMAT_VERSION,
+    OUTLIER_FORMAT_VERSION,
+    QUANT_METHOD,
+    READABLE_VERSIONS,
+    CheckpointConfig,
+    FallbackEntry,
+)
 from qformat.spec.fused import (
     DEFAULT_FUSED_GROUPS,
     FUSED_GROUPS_BY_MODEL_TYPE,
@@ -32,6 +40,8 @@ __all__ = [
     "DTYPE_SIZES",
     "FALLBACK_REASONS",
     "FORMAT_VERSION",
+    "OUTLIER_FORMAT_VERSION",
+    "READABLE_VERSIONS",
     "FUSED_GROUPS_BY_MODEL_TYPE",
     "MATCH_TIMEOUT_S",
     "MAX_PATTERN_LENGTH",

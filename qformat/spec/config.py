@@ -7,6 +7,7 @@ stay readable). docs/FORMAT.md is the normative description; this module impleme
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
@@ -20,15 +21,24 @@ from qformat.spec.schemes import Scheme
 __all__ = [
     "FALLBACK_REASONS",
     "FORMAT_VERSION",
+    "OUTLIER_FORMAT_VERSION",
     "QUANT_METHOD",
+    "READABLE_VERSIONS",
     "FallbackEntry",
     "CheckpointConfig",
 ]
 
 QUANT_METHOD = "qformat"
-#: The format major version this code writes and reads. Additions that old readers may ignore keep the number;
-#: anything an old reader would misread bumps it.
-FORMAT_VERSION = 1
+#: The newest format major version this code reads and writes. Additions that old readers may ignore keep the
+#: number; anything an old reader would misread bumps it. A writer records the *lowest* version whose readers compute
+#: the checkpoint as it was made (ZIP's "version needed to extract"), so a checkpoint that uses nothing new stays
+#: readable by older readers (docs/FORMAT.md section 1).
+FORMAT_VERSION = 2
+#: Every version this code reads.
+READABLE_VERSIONS = (1, 2)
+#: The version that added `outlier_threshold` (LLM.int8() decomposition, docs/FORMAT.md section 8.4): a version-1
+#: reader would ignore the key and compute plain W8A8, less precisely than the checkpoint was measured with.
+OUTLIER_FORMAT_VERSION = 2
 
 #: Why a Linear module is kept in full precision. `user`: --ignore or an override to "none"; `default`: kept by
 #: qformat's defaults (the output embedding); `sensitivity`: a fallback search measured it; `shape`: no kernel of the
@@ -77,11 +87,14 @@ class CheckpointConfig:
     which transformers' `from_pretrained(..., quantization_config=...)` takes.
 
     Readers need `schemes`, `default_scheme`, `overrides` and `fallback` to know how every Linear module is stored;
-    `provenance` and `statistics` describe how the checkpoint was made; `evaluation` and `fallback_search` are
-    reserved for results that later tools add (null until then).
+    `outlier_threshold` (format version 2) makes every int8 module with dynamic per-token activations run LLM.int8()'s
+    decomposition (docs/FORMAT.md section 8.4). `provenance` and `statistics` describe how the checkpoint was made;
+    `evaluation` and `fallback_search` hold results of an evaluation or a fallback search (null until then).
+
+    `format_version` defaults to the lowest version that holds what the config uses (`required_version`).
     """
 
-    format_version: int = FORMAT_VERSION
+    format_version: int = 0  # 0: the lowest version that holds this config (set in __post_init__)
     schemes: dict[str, Scheme]
     default_scheme: str
     overrides: tuple[tuple[str, str], ...] = ()
@@ -91,8 +104,19 @@ class CheckpointConfig:
     statistics: dict[str, Any] = field(default_factory=dict)
     evaluation: list[dict[str, Any]] | None = None
     fallback_search: dict[str, Any] | None = None
+    outlier_threshold: float | None = None
 
     def __post_init__(self) -> None:
+        if self.outlier_threshold is not None:
+            threshold = self.outlier_threshold
+            if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 < threshold < math.inf:
+                raise FormatError(f"outlier_threshold must be a positive finite number or null, got {short(threshold)}")
+            object.__setattr__(self, "outlier_threshold", float(threshold))
+        if self.format_version == 0:
+            object.__setattr__(self, "format_version", self.required_version)
+        elif self.format_version < self.required_version:
+            raise FormatError(f"outlier_threshold needs format_version {OUTLIER_FORMAT_VERSION} (a version-1 reader "
+                              f"would ignore it and compute plain W8A8), but the checkpoint says {self.format_version}")
         if self.default_scheme not in self.schemes:
             raise FormatError(f"default_scheme {self.default_scheme!r} is not defined in 'schemes'")
         self._override_rules  # noqa: B018 - validates every pattern (syntax, length, count) once
@@ -104,6 +128,11 @@ class CheckpointConfig:
             if entry.module in seen:
                 raise FormatError(f"module {entry.module!r} is listed twice in 'fallback'")
             seen.add(entry.module)
+
+    @property
+    def required_version(self) -> int:
+        """The lowest format version whose readers compute this checkpoint as its writer did."""
+        return OUTLIER_FORMAT_VERSION if self.outlier_threshold is not None else 1
 
     # -- reading ------------------------------------------------------------------------------------------------
     @cached_property
@@ -147,6 +176,7 @@ class CheckpointConfig:
             "statistics": self.statistics,
             "evaluation": self.evaluation,
             "fallback_search": self.fallback_search,
+            **({"outlier_threshold": self.outlier_threshold} if self.outlier_threshold is not None else {}),
         }
 
     @classmethod
@@ -166,12 +196,12 @@ class CheckpointConfig:
         version = data.get("format_version")
         if not isinstance(version, int) or isinstance(version, bool):
             raise FormatError(f"quantization_config.format_version must be an integer, got {short(version)}")
-        if version != FORMAT_VERSION:
+        if version not in READABLE_VERSIONS:
             from qformat._version import DISTRIBUTION, __version__
 
             raise UnsupportedFormatVersionError(
-                f"this checkpoint uses qformat format version {version}, but qformat {__version__} reads version "
-                f"{FORMAT_VERSION} only; upgrade qformat (pip install -U {DISTRIBUTION})"
+                f"this checkpoint uses qformat format version {version}, but qformat {__version__} reads versions "
+                f"{', '.join(map(str, READABLE_VERSIONS))} only; upgrade qformat (pip install -U {DISTRIBUTION})"
             )
         schemes = data.get("schemes")
         if not isinstance(schemes, dict) or not schemes:
@@ -192,6 +222,7 @@ class CheckpointConfig:
             evaluation=_evaluation(data.get("evaluation")),
             fallback_search=object_at(data.get("fallback_search"), "quantization_config.fallback_search",
                                       nullable=True),
+            outlier_threshold=_outlier_threshold(data.get("outlier_threshold"), version),
         )
 
 
@@ -267,6 +298,17 @@ def _statistics(value: Any) -> dict[str, Any]:
         _typed_keys(entry, {"scheme": "str", "observer": "str", "rel_error": "number", "rel_quant_error": "number"},
                     entry_where)
     return dict(statistics)
+
+
+def _outlier_threshold(value: Any, version: int) -> float | None:
+    """`outlier_threshold`: a version-2 key. In a version-1 checkpoint it is refused rather than ignored: its writer
+    meant it to change the numerics, and a version-1 reader would silently drop it."""
+    where = "quantization_config.outlier_threshold"
+    threshold = number_at(value, where, nullable=True)
+    if threshold is not None and version < OUTLIER_FORMAT_VERSION:
+        raise FormatError(f"{where} needs format_version {OUTLIER_FORMAT_VERSION}, but the checkpoint says {version}; "
+                          "fix the checkpoint's config (set format_version to 2, or drop the threshold)")
+    return threshold
 
 
 def _evaluation(value: Any) -> list[dict[str, Any]] | None:

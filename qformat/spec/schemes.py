@@ -17,6 +17,7 @@ __all__ = [
     "BUILTIN_SCHEMES",
     "SPARSITY_2_4",
     "QuantArgs",
+    "decomposes",
     "Scheme",
     "resolve_scheme_name",
     "scheme_name_for",
@@ -142,6 +143,14 @@ BUILTIN_SCHEMES: dict[str, Scheme] = {
     "fp8-dynamic": Scheme(weights=_FP8_W, input_activations=_FP8_TOKEN),
     "fp8-weight-only": Scheme(weights=_FP8_W),
 }
+
+
+def decomposes(scheme: Scheme) -> bool:
+    """Whether a checkpoint's `outlier_threshold` applies to modules of `scheme` (docs/FORMAT.md section 8.4): int8
+    weights with dynamic per-token int8 activations, dense or 2:4. Weight-only schemes keep their activations in full
+    precision anyway; fp8 and static int8 activations are outside LLM.int8()'s definition."""
+    act = scheme.input_activations
+    return scheme.weights.type == "int" and act is not None and act.dynamic and act.strategy == "token"
 
 
 def scheme_names() -> list[str]:

@@ -79,7 +79,7 @@ def test_verify_checks_2_4_bitmasks(good, tmp_path):
 
 
 @pytest.mark.parametrize("edit, error, match", [
-    (lambda q: q.update(format_version=2), UnsupportedFormatVersionError, "format version 2"),
+    (lambda q: q.update(format_version=3), UnsupportedFormatVersionError, "format version 3"),
     (lambda q: q["fallback"].pop(0), FormatError, "lm_head: is a Linear module that is neither quantized nor in"),
     (lambda q: q["fallback"].append({"module": "model.norm", "reason": "user"}), FormatError,
      "model.norm: is in the fallback list but is not a Linear"),

@@ -168,9 +168,9 @@ def test_unknown_format_version_is_refused_at_load(converted, tmp_path):
 
     folder = Path(shutil.copytree(converted("llama", "w8a8-int8"), tmp_path / "v2"))
     config = json.loads((folder / "config.json").read_text())
-    config["quantization_config"]["format_version"] = 2
+    config["quantization_config"]["format_version"] = 3
     (folder / "config.json").write_text(json.dumps(config))
-    with pytest.raises(UnsupportedFormatVersionError, match="format version 2"):
+    with pytest.raises(UnsupportedFormatVersionError, match="format version 3"):
         AutoModelForCausalLM.from_pretrained(folder)
 
 

@@ -105,15 +105,40 @@ def test_config_round_trip_and_unknown_keys_ignored():
     assert "future_key" not in config.to_dict()
 
 
-@pytest.mark.parametrize("version", [2, 0, "1", None])
+@pytest.mark.parametrize("version", [3, 0, "1", None])
 def test_unknown_major_version_is_refused(version):
     with pytest.raises(FormatError, match="format version|format_version"):
         CheckpointConfig.from_dict(_minimal(format_version=version))
 
 
 def test_newer_version_error_says_upgrade():
-    with pytest.raises(UnsupportedFormatVersionError, match="version 2.*upgrade qformat"):
-        CheckpointConfig.from_dict(_minimal(format_version=2))
+    with pytest.raises(UnsupportedFormatVersionError, match="version 3.*upgrade qformat"):
+        CheckpointConfig.from_dict(_minimal(format_version=3))
+
+
+def test_a_writer_records_the_lowest_version_that_holds_the_config():
+    plain = CheckpointConfig.from_dict(_minimal())
+    assert plain.format_version == 1 and "outlier_threshold" not in plain.to_dict()
+    built = CheckpointConfig(schemes=plain.schemes, default_scheme=plain.default_scheme, outlier_threshold=6)
+    assert built.format_version == 2 and built.to_dict()["outlier_threshold"] == 6.0
+    assert CheckpointConfig.from_dict(built.to_dict()) == built
+    assert CheckpointConfig(schemes=plain.schemes, default_scheme=plain.default_scheme).format_version == 1
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"outlier_threshold": 6.0}, "needs format_version 2"),  # a version-1 reader would drop it: refused
+    ({"format_version": 2, "outlier_threshold": 0}, "positive finite"),
+    ({"format_version": 2, "outlier_threshold": -1.5}, "positive finite"),
+    ({"format_version": 2, "outlier_threshold": "6"}, "finite number"),
+    ({"format_version": 2, "outlier_threshold": True}, "finite number"),
+])
+def test_outlier_threshold_is_checked(bad, match):
+    with pytest.raises(FormatError, match=match):
+        CheckpointConfig.from_dict(_minimal(**bad))
+
+
+def test_version_2_without_a_threshold_is_read():
+    assert CheckpointConfig.from_dict(_minimal(format_version=2)).outlier_threshold is None
 
 
 @pytest.mark.parametrize("bad, match", [
