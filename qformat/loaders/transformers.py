@@ -251,7 +251,7 @@ class QFormatHfQuantizer(HfQuantizer):
         recipe = None if self.pre_quantized else self.quantization_config.recipe
         if recipe is not None and recipe.dtype != AUTO_DTYPE:
             dtype = getattr(torch, recipe.dtype)
-        if recipe is not None and recipe.auto_fallback is not None:
+        if recipe is not None and recipe.calibrates:
             self._search_after = dtype
             return torch.float32  # the stored values, exactly: what the search measures and convert quantizes
         return dtype
@@ -269,7 +269,7 @@ class QFormatHfQuantizer(HfQuantizer):
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs: Any):
         if not self.pre_quantized:
             recipe = self.quantization_config.recipe
-            if recipe is not None and recipe.auto_fallback is not None:
+            if recipe is not None and recipe.calibrates:
                 return model  # loaded in full precision, quantized after loading
             self._on_load = OnLoadQuantization.prepare(model, recipe, checkpoint_files)
             return model
@@ -308,7 +308,7 @@ class QFormatHfQuantizer(HfQuantizer):
     # -- after ----------------------------------------------------------------------------------------------------
     def _process_model_after_weight_loading(self, model, **kwargs: Any):
         if not self.pre_quantized and self.quantization_config.recipe is not None \
-                and self.quantization_config.recipe.auto_fallback is not None:
+                and self.quantization_config.recipe.calibrates:
             from qformat.loaders.inplace import apply_recipe
 
             config = apply_recipe(model, self.quantization_config.recipe).config

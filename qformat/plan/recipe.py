@@ -168,6 +168,12 @@ class QuantRecipe:
             raise OptionError(f"--smoothquant helps schemes that quantize activations (w8a8-int8, fp8-dynamic), and "
                               f"no scheme of this recipe does ({', '.join(schemes)}); drop --smoothquant")
 
+    @property
+    def calibrates(self) -> bool:
+        """Whether quantizing needs the full-precision model run on text first (SmoothQuant's activation maxima, the
+        fallback search): `from_pretrained` then loads in float32 and quantizes after loading."""
+        return self.auto_fallback is not None or self.smoothquant is not None
+
     def canonical_override(self, target: str) -> str:
         """The scheme name an override's target resolves to, or "none"."""
         if target.strip().lower() == FULL_PRECISION:
