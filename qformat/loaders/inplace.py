@@ -139,7 +139,8 @@ def apply_recipe(model: nn.Module, recipe: QuantRecipe, *, tokenizer: Any = None
         linear = model.get_submodule(module.module_path)
         stored, errors[module.name] = quantize_module(linear.weight.detach(), decision)
         quantized = QuantLinear.from_stored(stored, decision.scheme, bias=linear.bias,
-                                            scheme_name=decision.scheme_name or "")
+                                            scheme_name=decision.scheme_name or "",
+                                            outlier_threshold=recipe.outlier_threshold)
         replace_module(model, module.module_path, quantized.prepare())
         del stored, linear
     if recipe.dtype != AUTO_DTYPE:

@@ -48,14 +48,15 @@ def _source_of(checkpoint_files: list[str] | None) -> SourceCheckpoint:
     return SourceCheckpoint(Path(checkpoint_files[0]).parent)
 
 
-def _skeleton(decision: ModuleDecision, linear: nn.Linear) -> QuantLinear:
+def _skeleton(decision: ModuleDecision, linear: nn.Linear, outlier_threshold: float | None) -> QuantLinear:
     """The planned module's `QuantLinear` on meta, whose `weight` is, until the quantize op replaces it, a float32
     placeholder: transformers looks the checkpoint's `weight` up in the model before it quantizes it (a 2:4 module
     stores none), and some versions (5.17) read the weight in the placeholder's dtype, which must therefore be one
     that holds every stored float value exactly."""
     assert decision.scheme is not None
     module = QuantLinear(linear.in_features, linear.out_features, decision.scheme, bias=linear.bias is not None,
-                         dtype=linear.weight.dtype, device="meta", scheme_name=decision.scheme_name or "")
+                         dtype=linear.weight.dtype, device="meta", scheme_name=decision.scheme_name or "",
+                         outlier_threshold=outlier_threshold)
     module._parameters["weight"] = nn.Parameter(torch.empty(linear.weight.shape, dtype=torch.float32, device="meta"),
                                                 requires_grad=False)
     return module
@@ -95,7 +96,7 @@ class OnLoadQuantization:
                     f"{source.name} is stored as {source.dtype}, not a float type; qformat quantizes float weights "
                     "only (load the full-precision model)")
             linear = model.get_submodule(module.module_path)
-            replace_module(model, module.module_path, _skeleton(decision, linear))
+            replace_module(model, module.module_path, _skeleton(decision, linear, recipe.outlier_threshold))
             pending[module.module_path + _WEIGHT] = decision
         before = model._keep_in_fp32_modules_strict
         model._keep_in_fp32_modules_strict = set(before or ()) | {f"^{re.escape(k)}$" for k in pending}

@@ -9,8 +9,9 @@ time or on the first call after a move, and then picks its path per call from th
 Inference only: the kernels run without autograd, so no gradient flows through a `QuantLinear` (transformers is
 told `is_trainable = False`).
 
-Room for later schemes: a scheme with outlier columns kept in float (LLM.int8's threshold) adds its tensors to
-`QUANTIZED_TENSORS` and its op to `_prepare`; nothing else here changes.
+LLM.int8()'s decomposition is a run-time option, not a tensor: `outlier_threshold` (the checkpoint's, or one given
+at load time) wraps the int8 W8A8 op of a module whose scheme takes it (`qformat.spec.schemes.decomposes`); other
+modules ignore it, so a caller can hand every module the checkpoint's threshold.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from qformat.quantize.sparse24 import BITMASK_NOT_2_4, bitmask_ok, bitmask_probl
 from qformat.quantize.stored import sparse_shape, stored_tensors
 from qformat.quantize.weights import VALUE_DTYPES, quantize_weight
 from qformat.spec.layout import DENSE_SUFFIXES, SCALE_SUFFIXES, SPARSE_SUFFIXES
-from qformat.spec.schemes import Scheme
+from qformat.spec.schemes import Scheme, decomposes
 
 __all__ = ["QUANTIZED_TENSORS", "QuantLinear"]
 
@@ -51,10 +52,11 @@ class QuantLinear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, scheme: Scheme, *, bias: bool = True,
                  dtype: torch.dtype | None = None, device: torch.device | str | None = None,
-                 scheme_name: str = "") -> None:
+                 scheme_name: str = "", outlier_threshold: float | None = None) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.scheme, self.scheme_name = scheme, scheme_name
+        self.outlier_threshold: float | None = outlier_threshold if decomposes(scheme) else None
         value = VALUE_DTYPES[scheme.weights.type]
         if scheme.sparsity is None:
             self.weight = _frozen(torch.empty(out_features, in_features, dtype=value, device=device))
@@ -76,7 +78,7 @@ class QuantLinear(nn.Module):
     # -- construction from a float layer or from stored tensors ---------------------------------------------------
     @classmethod
     def from_float(cls, linear: nn.Linear, scheme: Scheme, *, observer: str = "absmax", scheme_name: str = "",
-                   input_scale: float | None = None) -> QuantLinear:
+                   input_scale: float | None = None, outlier_threshold: float | None = None) -> QuantLinear:
         """Quantize `linear`'s weight with the converter's arithmetic (`input_scale` for static-activation schemes),
         on its device."""
         q = quantize_weight(linear.weight.detach(), scheme, observer=observer)
@@ -85,17 +87,19 @@ class QuantLinear(nn.Module):
             if input_scale is None:
                 raise OptionError("this scheme has static activation scales: pass input_scale")
             stored["input_scale"] = torch.tensor([input_scale], dtype=torch.float32, device=linear.weight.device)
-        return cls.from_stored(stored, scheme, bias=linear.bias, scheme_name=scheme_name)
+        return cls.from_stored(stored, scheme, bias=linear.bias, scheme_name=scheme_name,
+                               outlier_threshold=outlier_threshold)
 
     @classmethod
     def from_stored(cls, stored: dict[str, torch.Tensor], scheme: Scheme, *, bias: torch.Tensor | None,
-                    scheme_name: str = "") -> QuantLinear:
+                    scheme_name: str = "", outlier_threshold: float | None = None) -> QuantLinear:
         """A module holding `stored` (suffix -> tensor, as `qformat.quantize.stored.stored_tensors` builds them, on
         one device) without copying them; `bias` is kept in its own dtype."""
         scale = stored["weight_scale"]
         out_features = scale.shape[0]
         in_features = stored["weight"].shape[1] if "weight" in stored else int(stored["shape"].reshape(-1)[1])
-        module = cls(in_features, out_features, scheme, bias=bias is not None, device="meta", scheme_name=scheme_name)
+        module = cls(in_features, out_features, scheme, bias=bias is not None, device="meta", scheme_name=scheme_name,
+                     outlier_threshold=outlier_threshold)
         for name, tensor in stored.items():
             module._parameters[name] = _frozen(tensor)
         if bias is not None:

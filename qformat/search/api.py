@@ -35,7 +35,8 @@ def search_model(model: nn.Module, tokenizer: Any, recipe: QuantRecipe, *, folde
         raise OptionError("the recipe asks for no fallback search (auto_fallback is not set)")
     plan = plan_conversion(structure_of(model), recipe)
     outcome = search_fallback(model, tokenizer, plan, recipe.auto_fallback, folder=folder, progress=progress,
-                              eval_command=_eval_command(recipe, source_label))
+                              eval_command=_eval_command(recipe, source_label),
+                              outlier_threshold=recipe.outlier_threshold)
     (logger.info if outcome.status == "met" else logger.warning)("%s", outcome.summary())
     return outcome
 

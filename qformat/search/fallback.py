@@ -91,10 +91,12 @@ def _entries(ranked: list[tuple[Unit, float]], k: int) -> dict[str, FallbackEntr
 
 
 def search_fallback(model: nn.Module, tokenizer: Any, plan: ConversionPlan, budget: FallbackBudget, *,
-                    folder: Any = None, progress: bool = False, eval_command: str = "") -> SearchOutcome:
+                    folder: Any = None, progress: bool = False, eval_command: str = "",
+                    outlier_threshold: float | None = None) -> SearchOutcome:
     """Run the search (module docstring) on the live full-precision `model` planned by `plan`; the model is left
     in full precision. `folder` is where the model came from (encoder pooling config); `eval_command` is the
-    `qformat eval` line that reproduces the held-out evaluation."""
+    `qformat eval` line that reproduces the held-out evaluation; `outlier_threshold` is the recipe's (the trials
+    run the decomposition the checkpoint will)."""
     start = time.perf_counter()
     units = units_of(plan)
     texts = {"calib": load_text(budget.calib), "search": load_text(budget.eval_text),
@@ -108,7 +110,7 @@ def search_fallback(model: nn.Module, tokenizer: Any, plan: ConversionPlan, budg
                               for k, t in texts.items()}
     search_task = tasks["search"]
     chosen = metric_named(budget.metric or search_task.default_metric)
-    variants = QuantizedVariants(model, plan, units)
+    variants = QuantizedVariants(model, plan, units, outlier_threshold=outlier_threshold)
     try:
         return _search(variants, units, tasks, chosen, budget, start, progress, eval_command)
     finally:

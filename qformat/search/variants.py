@@ -25,7 +25,8 @@ __all__ = ["QuantizedVariants"]
 class QuantizedVariants:
     """The full-precision and quantized module of every unit of `plan` in `model` (a live full-precision model)."""
 
-    def __init__(self, model: nn.Module, plan: ConversionPlan, units: list[Unit]) -> None:
+    def __init__(self, model: nn.Module, plan: ConversionPlan, units: list[Unit], *,
+                 outlier_threshold: float | None = None) -> None:
         self.model = model
         self.units = units
         self.full: dict[str, nn.Module] = {}
@@ -38,7 +39,8 @@ class QuantizedVariants:
                 stored, _error = quantize_module(linear.weight.detach(), decision)
                 self.full[path] = linear
                 self.quantized[path] = QuantLinear.from_stored(
-                    stored, decision.scheme, bias=linear.bias, scheme_name=decision.scheme_name or "").prepare()
+                    stored, decision.scheme, bias=linear.bias, scheme_name=decision.scheme_name or "",
+                    outlier_threshold=outlier_threshold).prepare()
 
     def apply(self, kept: Iterable[str]) -> None:
         """Quantize every unit except those named in `kept` (unit names), which get their full-precision module."""
