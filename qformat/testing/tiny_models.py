@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-__all__ = ["TINY_ARCHITECTURES", "build_tiny_model", "save_byte_tokenizer", "save_fragile_llama", "save_random_llama",
-           "save_tiny_model"]
+__all__ = ["OUTLIER_CHANNELS", "TINY_ARCHITECTURES", "build_tiny_model", "plant_outlier_features", "save_byte_tokenizer",
+           "save_fragile_llama", "save_outlier_llama", "save_random_llama", "save_tiny_model"]
 
 
 def _llama():
@@ -207,6 +207,36 @@ def save_fragile_llama(folder: Path, module: str, *, seed: int = 0) -> Path:
     with torch.no_grad():
         weight = model.get_submodule(module).weight
         weight[:, 0] = 100 * weight.abs().max()
+        model.lm_head.weight *= 5
+    model.save_pretrained(folder)
+    return save_byte_tokenizer(folder)
+
+
+#: The hidden channels `plant_outlier_features` amplifies by default.
+OUTLIER_CHANNELS = (3, 17, 40)
+
+
+def plant_outlier_features(model: torch.nn.Module, *, channels: tuple[int, ...] = OUTLIER_CHANNELS,
+                           gain: float = 64.0) -> torch.nn.Module:
+    """Give a Llama-style model LLM.int8()'s "outlier features": in every layer, multiply the `channels` of both
+    RMSNorm weights by `gain`. The norms' outputs, the inputs of q/k/v and gate/up, then carry a few channels `gain`
+    times larger than the rest in every token, as trained LLMs' hidden states do (Dettmers et al. 2022), while the
+    weights stay ordinary. Plain per-token W8A8 spends its int8 range on those channels; the weights' own rounding
+    (what W8A16 loses) is the floor any int8-weight method can reach on such a model."""
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+                norm.weight[list(channels)] *= gain
+    return model
+
+
+def save_outlier_llama(folder: Path, *, channels: tuple[int, ...] = OUTLIER_CHANNELS, gain: float = 64.0,
+                       seed: int = 0) -> Path:
+    """The tiny Llama with `plant_outlier_features` applied and `save_byte_tokenizer`'s tokenizer: plain W8A8 loses
+    most of its precision to a few activation channels there, and LLM.int8()'s decomposition or SmoothQuant should
+    win it back. The head is scaled up 5x so predictions are peaked (see `save_fragile_llama`)."""
+    model = plant_outlier_features(build_tiny_model("llama", seed=seed), channels=channels, gain=gain)
+    with torch.no_grad():
         model.lm_head.weight *= 5
     model.save_pretrained(folder)
     return save_byte_tokenizer(folder)
