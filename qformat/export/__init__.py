@@ -1,6 +1,8 @@
-"""Export to compressed-tensors (the layout vLLM serves) and import from it."""
+"""Export to compressed-tensors (the layout vLLM serves) and import from it or from bitsandbytes LLM.int8()."""
 
+from qformat.export.bnb_import import import_bitsandbytes
 from qformat.export.compressed_tensors import ExportResult, export_compressed_tensors
 from qformat.export.ct_import import ImportResult, import_compressed_tensors
 
-__all__ = ["ExportResult", "ImportResult", "export_compressed_tensors", "import_compressed_tensors"]
+__all__ = ["ExportResult", "ImportResult", "export_compressed_tensors", "import_bitsandbytes",
+           "import_compressed_tensors"]

@@ -1,0 +1,191 @@
+"""`qformat import SOURCE OUTPUT` of a bitsandbytes LLM.int8() checkpoint: a qformat W8A8 checkpoint with the same
+int8 values, bitsandbytes' outlier threshold and the modules it kept.
+
+Per 8-bit module `M` (bitsandbytes' `M.weight` I8, `M.SCB` F32 [N], `M.weight_format`):
+
+- `M.weight` keeps its bytes (values in [-127, 127]);
+- `M.weight_scale` = `SCB / 127` as float32 [N, 1] (one fp32 division, the absmax observer's scale of section 8 of
+  docs/FORMAT.md: for the same source weight it is the scale `qformat convert` writes). qformat dequantizes
+  `fl(q * fl(SCB / 127))`; bitsandbytes' `int8_vectorwise_dequant` computes `fl(fl(q * SCB) * fl(1/127))`. Both are
+  within 1.07 (bnb) and 1.39 (qformat) ulp of the exact `q * SCB / 127`; they differ from each other by at most
+  2 ulp of fp32 (measured over every q in [-127, 127] and 2 * 10^5 random SCB: 67 % equal, 33 % 1 ulp apart, 0.15 %
+  2 ulp apart). No single fp32 scale reproduces bitsandbytes' double rounding for every q of a row.
+- a row with `SCB == 0` (bitsandbytes' absmax of an all-zero row; it dequantizes to 0 whatever its values) gets the
+  format's zero rule: scale 1.0 and values 0 (rewritten if bitsandbytes stored others). A scale below 2^-126 is
+  raised to it (the format's floor; SCB < 1.5e-36).
+- `M.SCB` and `M.weight_format` are dropped; `M.bias` and every other tensor keep their bytes.
+
+`llm_int8_threshold` > 0 becomes `outlier_threshold` (format version 2; 0 means no decomposition: null), and every
+Linear bitsandbytes kept is a fallback entry with reason "user" naming `llm_int8_skip_modules` where an entry names it.
+Like the compressed-tensors import: the plan (`bnb_plan`) refuses first; then each source shard becomes one output
+shard, streamed tensor by tensor, verified before it is renamed into place.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shlex
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qformat._version import __version__
+from qformat.errors import FormatError
+from qformat.export.bnb_plan import SCHEME, BnbModule, BnbPlan, plan_bnb_import
+from qformat.export.ct_import import ImportResult
+from qformat.io.atomic import atomic_output_dir
+from qformat.io.dtypes import SAFETENSORS_CODES, tensor_bytes
+from qformat.io.index import write_weight_index
+from qformat.io.resolve import resolve_source_for
+from qformat.io.safetensors_format import SHARD_METADATA, layout_file
+from qformat.io.source import SourceCheckpoint, TensorReader
+from qformat.io.support_files import copy_support_files
+from qformat.io.writer import ShardWriter, write_json
+from qformat.plan.record import environment
+from qformat.quantize.observers import MIN_SCALE
+from qformat.spec.config import CheckpointConfig
+from qformat.spec.fused import fused_groups_for
+from qformat.spec.layout import TensorSpec, module_tensors
+from qformat.spec.schemes import scheme_name_for
+
+__all__ = ["bnb_scales", "import_bitsandbytes"]
+
+logger = logging.getLogger(__name__)
+
+
+def bnb_scales(scb: torch.Tensor) -> torch.Tensor:
+    """qformat's per-row scales [N, 1] for bitsandbytes' row absmax `scb` [N]: SCB / 127 in fp32, with the format's
+    zero rule (1.0 where SCB is 0) and floor (2^-126)."""
+    scale = scb.to(torch.float32).reshape(-1, 1) / 127
+    return torch.where(scale > 0, scale.clamp_min(MIN_SCALE), torch.ones_like(scale))
+
+
+def _module_data(module: BnbModule, reader: TensorReader) -> dict[str, Any]:
+    """The module's output tensors: torch tensors, or a memoryview of the source weight bytes kept as they are."""
+    scb = reader.tensor(module.scb)
+    data: dict[str, Any] = {}
+    if module.zero_rows:
+        values = reader.tensor(module.weight).clone()
+        values[scb == 0] = 0
+        data[f"{module.name}.weight"] = values
+    else:
+        data[f"{module.name}.weight"] = reader.raw(module.weight)
+    data[f"{module.name}.weight_scale"] = bnb_scales(scb)
+    return data
+
+
+def _write_shards(plan: BnbPlan, ckpt: SourceCheckpoint, reader: TensorReader,
+                  folder: Path) -> tuple[dict[str, str], dict[str, str]]:
+    """Write one output shard per source shard; return (tensor -> content hash, tensor -> file)."""
+    replaced = {name for m in plan.modules.values() for name in m.source_tensors}
+    hashes: dict[str, str] = {}
+    weight_map: dict[str, str] = {}
+    for file in ckpt.files:
+        kept = [t for t in ckpt.tensors.values() if t.file == file and t.name not in replaced]
+        modules = [m for m in plan.modules.values() if m.weight.file == file]
+        specs = [TensorSpec(t.name, t.dtype, t.shape) for t in kept]
+        for m in modules:
+            specs += module_tensors(m.name, SCHEME, m.out_features, m.in_features)
+        writer = ShardWriter(folder / file, layout_file(specs, SHARD_METADATA))
+        try:
+            for t in kept:
+                sink = writer.sink(t.name)
+                sink.write(reader.raw(t))
+                hashes[t.name] = sink.finish()
+                reader.release(t)
+            for m in modules:
+                for name, value in _module_data(m, reader).items():
+                    entry = writer.layout.entries[name]
+                    raw = isinstance(value, memoryview)
+                    got = value.nbytes if raw else value.numel() * value.element_size()
+                    if got != entry.nbytes or (not raw and SAFETENSORS_CODES[value.dtype] != entry.dtype):
+                        raise FormatError(f"{name} does not have the shape qformat stores it with "
+                                          f"({entry.dtype} {list(entry.shape)}); the source is inconsistent")
+                    sink = writer.sink(name)
+                    sink.write(value if raw else tensor_bytes(value))
+                    hashes[name] = sink.finish()
+                for t in (m.weight, m.scb):
+                    reader.release(t)
+            writer.close(sync=True)
+        finally:
+            writer.abort()
+        weight_map.update(dict.fromkeys((s.name for s in specs), file))
+    return hashes, weight_map
+
+
+def _parameters(plan: BnbPlan, ckpt: SourceCheckpoint) -> int:
+    replaced = {name for m in plan.modules.values() for name in m.source_tensors}
+    total = sum(m.out_features * m.in_features for m in plan.modules.values())
+    return total + sum(math.prod(t.shape) for t in ckpt.tensors.values() if t.name not in replaced)
+
+
+def _qformat_config(plan: BnbPlan, ckpt: SourceCheckpoint, repo_id: str | None, revision: str | None,
+                    base_model: str | None, hashes: dict[str, str], nbytes: int) -> CheckpointConfig:
+    name = scheme_name_for(SCHEME)
+    command = ["qformat", "import", repo_id or base_model or "SOURCE", "OUTPUT"]
+    if revision:
+        command += ["--revision", revision]
+    if base_model and base_model != repo_id:
+        command += ["--base-model", base_model]
+    provenance = {
+        "qformat_version": __version__,
+        "environment": environment(),
+        "source": {"repo_id": repo_id, "revision": revision, "base_model": base_model, "format": ckpt.format,
+                   "parameters": _parameters(plan, ckpt), "bytes": None},
+        "options": {"import": True, "revision": revision, "base_model": base_model},
+        "command": shlex.join(command),
+        "imported_from": dict(plan.record, bytes=ckpt.nbytes),
+        "tensor_hashes": dict(sorted(hashes.items())),
+    }
+    # rel_error is unknown: the full-precision weights were never in the source
+    statistics = {"linear_modules": len(plan.structure.linears), "quantized_modules": len(plan.modules),
+                  "checkpoint_bytes": nbytes,
+                  "modules": {m: {"scheme": name, "observer": None, "rel_error": None} for m in plan.modules}}
+    config = CheckpointConfig(schemes={name: SCHEME}, default_scheme=name, overrides=(), fallback=plan.fallback,
+                              fused_groups=fused_groups_for(plan.structure.model_type), provenance=provenance,
+                              statistics=statistics, outlier_threshold=plan.outlier_threshold)
+    for module in plan.modules:  # the config must say exactly what the plan decided
+        assert config.scheme_for(module) == (name, SCHEME), module
+    return config
+
+
+def import_bitsandbytes(source: str | os.PathLike[str], output: str | os.PathLike[str], *,
+                        revision: str | None = None, base_model: str | None = None,
+                        overwrite: bool = False) -> ImportResult:
+    """Write the bitsandbytes LLM.int8() checkpoint `source` (a folder or Hub repo id) as a qformat checkpoint.
+
+    Raises:
+        SourceError: SOURCE cannot be found or downloaded.
+        FormatError: SOURCE is not a (consistent) bitsandbytes 8-bit checkpoint.
+        OptionError: SOURCE uses something qformat v1 cannot represent (4-bit, fp16 master weights, a column-major
+            layout, a shape or fused group qformat's kernels cannot run); the message names the module and feature.
+    """
+    from qformat.checkpoint.verify import verify
+
+    out = Path(output)
+    src = resolve_source_for(source, out, revision=revision, overwrite=overwrite)
+    ckpt = SourceCheckpoint(src.path)
+    with ckpt.reader() as reader:
+        plan = plan_bnb_import(src.path, ckpt, reader)
+        base = base_model or src.repo_id
+        with atomic_output_dir(out, overwrite=overwrite) as tmp:
+            copy_support_files(src.path, tmp)
+            hashes, weight_map = _write_shards(plan, ckpt, reader, tmp)
+            nbytes = sum((tmp / f).stat().st_size for f in ckpt.files)
+            if ckpt.index_file is not None:
+                write_weight_index(tmp, weight_map, nbytes)
+            config = dict(plan.config)
+            qconfig = _qformat_config(plan, ckpt, src.repo_id, src.revision, base, hashes, nbytes)
+            config["quantization_config"] = qconfig.to_dict()
+            write_json(tmp / "config.json", config)
+            try:
+                verify(tmp, check_hashes=False)
+            except FormatError as exc:
+                raise FormatError(f"the imported checkpoint does not verify ({exc}); the source is inconsistent "
+                                  "or this is a qformat bug (please report it)") from None
+    logger.info("wrote %s", out)
+    name = scheme_name_for(SCHEME)
+    return ImportResult(out, len(plan.modules), len(plan.fallback), {name: len(plan.modules)}, [], nbytes)
