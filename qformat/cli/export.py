@@ -21,14 +21,17 @@ Examples:
 @click.argument("output", type=click.Path(file_okay=False))
 @click.option("--to", "target", type=click.Choice(["vllm", "compressed-tensors"]), required=True,
               help="Target format; 'vllm' and 'compressed-tensors' are the same checkpoint.")
+@click.option("--drop-outlier-threshold", is_flag=True,
+              help="Export a checkpoint with an LLM.int8() outlier threshold anyway: vLLM runs it as plain W8A8.")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists (only once the new one is complete).")
-def export_command(directory: str, output: str, target: str, overwrite: bool) -> None:
+def export_command(directory: str, output: str, target: str, drop_outlier_threshold: bool, overwrite: bool) -> None:
     """Write the qformat checkpoint in DIRECTORY as a compressed-tensors checkpoint at OUTPUT."""
     install_signal_handlers()
     with reported_errors("nothing was written to OUTPUT"):
         from qformat.export import export_compressed_tensors
 
-        result = export_compressed_tensors(directory, output, overwrite=overwrite)
+        result = export_compressed_tensors(directory, output, overwrite=overwrite,
+                                           drop_outlier_threshold=drop_outlier_threshold)
         formats = ", ".join(sorted(set(result.groups.values())))
         how = ", ".join(f"{file} {way}" for file, way in result.shards.items())
         click.echo(f"wrote {result.output} (compressed-tensors: {formats}; {how})")
@@ -36,4 +39,7 @@ def export_command(directory: str, output: str, target: str, overwrite: bool) ->
             click.echo(f"  {len(result.repacked)} weight-only int8 module(s) repacked as pack-quantized")
         if result.densified:
             click.echo(f"  {len(result.densified)} 2:4 module(s) written dense: vLLM no longer runs 2:4 sparsity")
+        if result.dropped_outlier_threshold is not None:
+            click.echo(f"  LLM.int8() outlier threshold {result.dropped_outlier_threshold:g} dropped: vLLM runs the "
+                       "int8 modules as plain W8A8", err=True)
         click.echo(f"serve it with: vllm serve {result.output}")

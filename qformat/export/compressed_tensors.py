@@ -50,6 +50,7 @@ class ExportResult:
     repacked: list[str]  # weight-only int8 modules now pack-quantized
     densified: list[str]  # 2:4 modules written dense
     shards: dict[str, str]  # file -> "linked" | "reflinked" | "copied" | "rewritten"
+    dropped_outlier_threshold: float | None = None  # the checkpoint's, when exported with drop_outlier_threshold
 
 
 def _dense(scheme: Scheme) -> Scheme:
@@ -175,9 +176,22 @@ def _refuse_compressed_tensors(folder: Path) -> None:
                           "`qformat import` turns it into a qformat one")
 
 
+def _check_outlier_threshold(qc: Any, drop: bool) -> None:
+    """compressed-tensors has no LLM.int8() decomposition: vLLM would run the checkpoint as plain W8A8, less
+    precisely than it was made and measured. Only an explicit `drop_outlier_threshold` accepts that."""
+    if qc.outlier_threshold is not None and not drop:
+        raise OptionError(f"this checkpoint runs LLM.int8() outlier decomposition (threshold {qc.outlier_threshold:g})"
+                          ", which compressed-tensors cannot express: vLLM would run it as plain W8A8, less precisely "
+                          "than it was measured; export with --drop-outlier-threshold to accept that, or convert "
+                          "with --smoothquant instead")
+
+
 def export_compressed_tensors(folder: str | os.PathLike[str], output: str | os.PathLike[str], *,
-                              overwrite: bool = False) -> ExportResult:
+                              overwrite: bool = False, drop_outlier_threshold: bool = False) -> ExportResult:
     """Write a compressed-tensors (vLLM) checkpoint of the qformat checkpoint in `folder` to `output`.
+
+    `drop_outlier_threshold`: export a checkpoint with an `outlier_threshold` anyway, as plain W8A8 (the export's
+    config records the dropped threshold).
 
     Raises:
         FormatError: `folder` fails `qformat verify`.
@@ -194,6 +208,7 @@ def export_compressed_tensors(folder: str | os.PathLike[str], output: str | os.P
     check_output_location(out, source=folder, overwrite=overwrite)
     ckpt = open_checkpoint(folder)
     qc = ckpt.qconfig
+    _check_outlier_threshold(qc, drop_outlier_threshold)
     schemes = {m: resolved[1] for m in ckpt.quantized_modules if (resolved := qc.scheme_for(m)) is not None}
     _check_vllm(ckpt, schemes)
     groups: dict[str, tuple[Scheme, list[str]]] = {}
@@ -207,6 +222,8 @@ def export_compressed_tensors(folder: str | os.PathLike[str], output: str | os.P
                             "base_model": (qc.provenance.get("source") or {}).get("base_model"),
                             "sparse_2_4_written_dense": densified,
                             "fallback": [e.to_dict() for e in qc.fallback]}
+    if qc.outlier_threshold is not None:
+        note["outlier_threshold_dropped"] = qc.outlier_threshold
     quant_config = ct_quantization_config([(s, mods) for s, mods in ordered], [e.module for e in qc.fallback], note)
     shards: dict[str, str] = {}
     weight_map: dict[str, str] = {}
@@ -230,5 +247,5 @@ def export_compressed_tensors(folder: str | os.PathLike[str], output: str | os.P
         (tmp / "README.md").write_text(render_export_card(folder, quant_config, densified), encoding="utf-8")
     repacked = sorted(m for m, s in changed.items() if _packed(s))
     return ExportResult(out, {g: c["format"] for g, c in quant_config["config_groups"].items()}, repacked, densified,
-                        shards)
+                        shards, qc.outlier_threshold)
 

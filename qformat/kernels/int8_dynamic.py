@@ -103,6 +103,11 @@ class Int8Dynamic:
         self.sparse = sparse  # a validated semi-structured copy of a 2:4 weight (CUDA), or None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.float_output(x).to(x.dtype)
+
+    def float_output(self, x: torch.Tensor) -> torch.Tensor:
+        """y in float32 (bias included), before the cast to x's dtype: what LLM.int8()'s decomposition adds its
+        float part to (kernels/int8_outlier.py), so the sum is rounded once."""
         xq, sx = _quantize(x, self.input_scale)
         if self.sparse is not None:
             record_path(_OP, "cuda_semi_structured")
@@ -122,4 +127,4 @@ class Int8Dynamic:
                 acc = torch._int_mm(self.weight, xq.t()).t()
             else:
                 acc = torch._int_mm(xq, self.weight.t())
-        return _finish(acc, sx, self.scale_row, self.bias, x.dtype)
+        return _finish(acc, sx, self.scale_row, self.bias, torch.float32)

@@ -8,7 +8,11 @@
 2. A qformat checkpoint's `quantization_config` block, as transformers reads it from config.json
    (`QFormatConfig.from_dict`): kept verbatim, so `save_pretrained` writes it back unchanged, and validated as
    `qformat.spec.CheckpointConfig` (an unknown format version fails here, with an upgrade hint).
-3. Loading options for such a checkpoint: `QFormatConfig(dequantize=True)` gives plain `nn.Linear` layers.
+3. Loading options for such a checkpoint: `QFormatConfig(dequantize=True)` gives plain `nn.Linear` layers;
+   `QFormatConfig(outlier_threshold=6.0)` runs LLM.int8()'s decomposition on the int8 W8A8 modules of any
+   checkpoint (0 turns a checkpoint's own threshold off). A load-time threshold changes what this process computes,
+   not the checkpoint: `save_pretrained` writes the checkpoint's block as it was (convert with
+   `--outlier-threshold` to record one).
 
 One class serves all three because transformers pairs a checkpoint's config with the one passed to `from_pretrained`
 by class: passing a request for a checkpoint that is already quantized reaches `requested` below, which refuses it
@@ -49,26 +53,33 @@ class QFormatConfig(QuantizationConfigMixin):
         auto_fallback: True (budget 1 %) or a `qformat.search.FallbackBudget`: keep the most sensitive modules in
             full precision until the measured loss fits the budget. `from_pretrained` then loads the model in full
             precision first and quantizes it after the search (peak memory: the full-precision model).
+        smoothquant: True (alpha 0.5) or a `qformat.smooth.SmoothQuant`: fold SmoothQuant factors from calibration
+            text into the model before quantizing (loads in full precision first, like auto_fallback).
+        outlier_threshold: LLM.int8()'s decomposition threshold for int8 W8A8 modules (bitsandbytes' default is
+            6.0). Quantizing, it is recorded in the checkpoint; loading a qformat checkpoint, it replaces the
+            checkpoint's own for this load (0: no decomposition).
         dequantize: for a qformat checkpoint only: load plain `nn.Linear` layers with the dequantized weights.
     """
 
     def __init__(self, scheme: str | None = None, ignore: Iterable[str] = (),
                  overrides: Mapping[str, str] | Iterable[Any] = (), observer: str | None = None,
                  sparsity: str | None = None, dtype: Any = AUTO_DTYPE, *, auto_fallback: Any = None,
-                 dequantize: bool = False) -> None:
+                 smoothquant: Any = None, outlier_threshold: float | None = None, dequantize: bool = False) -> None:
         self.quant_method = QUANT_METHOD
         self.dequantize = bool(dequantize)
+        self.outlier_threshold = _load_threshold(outlier_threshold)
         self._data: dict[str, Any] | None = None
         self._checkpoint: CheckpointConfig | None = None
         self._requested: QuantRecipe | None = None
         explicit = (scheme is not None or observer is not None or sparsity is not None or bool(ignore)
-                    or bool(overrides) or auto_fallback not in (None, False))
-        if dequantize and explicit:
+                    or bool(overrides) or auto_fallback not in (None, False) or smoothquant not in (None, False))
+        if dequantize and (explicit or outlier_threshold is not None):
             raise OptionError("dequantize=True loads a qformat checkpoint in full precision; it takes no scheme, "
-                              "ignore, overrides, observer, sparsity or auto_fallback")
+                              "ignore, overrides, observer, sparsity, auto_fallback, smoothquant or outlier_threshold")
         self.recipe: QuantRecipe | None = None if dequantize else QuantRecipe(
             scheme=scheme or "w8a8-int8", ignore=tuple(ignore), overrides=overrides, observer=observer,
-            sparsity=sparsity, dtype=dtype, auto_fallback=auto_fallback)
+            sparsity=sparsity, dtype=dtype, auto_fallback=auto_fallback, smoothquant=smoothquant,
+            outlier_threshold=self.outlier_threshold or None)
         self._explicit = explicit
         from qformat.loaders.transformers import register  # a request is useless unless transformers knows qformat
 
@@ -83,6 +94,8 @@ class QFormatConfig(QuantizationConfigMixin):
         for key, value in kwargs.items():
             if key == "dequantize":
                 config.dequantize = bool(value)
+            elif key == "outlier_threshold":
+                config.outlier_threshold = _load_threshold(value)
             else:
                 unused[key] = value
         return (config, unused) if return_unused_kwargs else config
@@ -93,6 +106,7 @@ class QFormatConfig(QuantizationConfigMixin):
         config = cls.__new__(cls)
         config.quant_method = QUANT_METHOD
         config.dequantize = bool(data.get("dequantize", False)) if isinstance(data, Mapping) else False
+        config.outlier_threshold = None
         config.recipe = None
         config._explicit = False
         config._requested = None
@@ -107,6 +121,14 @@ class QFormatConfig(QuantizationConfigMixin):
         return self._data is not None
 
     @property
+    def run_outlier_threshold(self) -> float | None:
+        """The decomposition threshold this load runs: the load-time option where given (0: none), else the
+        checkpoint's."""
+        if self.outlier_threshold is not None:
+            return self.outlier_threshold or None
+        return self._checkpoint.outlier_threshold if self._checkpoint is not None else None
+
+    @property
     def checkpoint(self) -> CheckpointConfig:
         """The checkpoint's parsed block; a `FormatError` for a request, which has none."""
         if self._checkpoint is None:
@@ -117,6 +139,8 @@ class QFormatConfig(QuantizationConfigMixin):
     # -- a request meeting a checkpoint (transformers merges "loading attributes" into the checkpoint's config) ----
     def get_loading_attributes(self) -> dict[str, Any]:
         attributes: dict[str, Any] = {"dequantize": self.dequantize}
+        if self.outlier_threshold is not None:
+            attributes["outlier_threshold"] = self.outlier_threshold
         if self._explicit:
             attributes["requested"] = self.recipe
         return attributes
@@ -178,3 +202,13 @@ class QFormatConfig(QuantizationConfigMixin):
         provenance = dict(self._data.get("provenance") or {})
         provenance["tensor_hashes"] = dict(sorted(hashes.items()))
         self._data["provenance"] = provenance
+
+
+def _load_threshold(value: Any) -> float | None:
+    """A load-time `outlier_threshold`: None (the checkpoint's), 0 (none), or a positive finite number."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
+        raise OptionError(f"outlier_threshold must be a positive number such as 6.0 (0: no decomposition), got "
+                          f"{value!r}")
+    return float(value)

@@ -282,6 +282,7 @@ class QFormatHfQuantizer(HfQuantizer):
             candidates = {ckpt: names.module(ckpt) for ckpt in sorted(_quantized_modules(stored))}
         linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
         self._checkpoint_names = {}
+        threshold = self.quantization_config.run_outlier_threshold
         for ckpt_name, path in candidates.items():
             module = linears.get(path)
             resolved = spec.scheme_for(ckpt_name) if module is not None else None
@@ -292,7 +293,8 @@ class QFormatHfQuantizer(HfQuantizer):
                 _check_scheme_fits(stored, ckpt_name, scheme_name, scheme, module)
             replace_module(model, path, QuantLinear(module.in_features, module.out_features, scheme,
                                               bias=module.bias is not None, dtype=module.weight.dtype,
-                                              device=module.weight.device, scheme_name=scheme_name))
+                                              device=module.weight.device, scheme_name=scheme_name,
+                                              outlier_threshold=threshold))
             self._checkpoint_names[path] = ckpt_name
         if stored is not None and _CHECKS:
             _check_nothing_quantized_elsewhere(stored, set(self._checkpoint_names.values()), model, names)

@@ -24,6 +24,7 @@ from torch import nn
 from qformat.errors import OptionError
 from qformat.kernels.fp8 import Fp8Linear
 from qformat.kernels.int8_dynamic import Int8Dynamic
+from qformat.kernels.int8_outlier import Int8Outlier
 from qformat.kernels.int8_weight_only import Int8WeightOnly
 from qformat.kernels.sparse24 import dense_from_2_4, semi_structured_int8
 from qformat.quantize.dequant import dequantize_dense
@@ -169,8 +170,18 @@ class QuantLinear(nn.Module):
         else:
             sparse = semi_structured_int8(values) if scheme.sparsity is not None else None
             op = Int8Dynamic(values, self.weight_scale, bias, static, sparse=sparse)
+            if self.outlier_threshold is not None:
+                op = Int8Outlier(op, self.outlier_threshold)
         self._op = op
         return op
+
+    def set_outlier_threshold(self, threshold: float | None) -> QuantLinear:
+        """Run LLM.int8()'s decomposition at `threshold` from the next call (None: plain W8A8). A no-op for a
+        scheme it does not apply to (`qformat.spec.schemes.decomposes`)."""
+        if decomposes(self.scheme):
+            self.outlier_threshold = None if threshold is None else float(threshold)
+            self._op = None
+        return self
 
     def prepare(self) -> QuantLinear:
         """Prepare the kernel now (transformers' loader calls this after loading the weights).
@@ -213,4 +224,6 @@ class QuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         scheme = self.scheme_name or "qformat"
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, scheme={scheme}"
+        threshold = f", outlier_threshold={self.outlier_threshold:g}" if self.outlier_threshold is not None else ""
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"scheme={scheme}{threshold}")
