@@ -14,9 +14,10 @@ from qformat.converter.options import ConvertOptions
 from qformat.converter.pipeline import run_pipeline
 from qformat.plan.record import checkpoint_block
 from qformat.plan.rules import ConversionPlan, plan_conversion
-from qformat.search.api import search_folder
 from qformat.search.criterion import FallbackBudget
 from qformat.search.fallback import SearchOutcome
+from qformat.smooth.api import SmoothingRecord
+from qformat.smooth.fold import TensorEdit
 from qformat.smooth.options import SmoothQuant
 from qformat.io.resolve import ResolvedSource, resolve_source_for
 from qformat.models.structure import analyze_structure
@@ -48,12 +49,13 @@ class ConvertResult:
     source_bytes: int
     checkpoint_bytes: int
     search: SearchOutcome | None = None
+    smoothing: SmoothingRecord | None = None
 
 
 def _quantization_config(plan: ConversionPlan, options: ConvertOptions, src: ResolvedSource,
                          checkpoint: SourceCheckpoint, layout: OutputLayout, hashes: dict[str, str],
                          stats: dict[str, Any], skipped: list[str],
-                         search: SearchOutcome | None) -> dict[str, Any]:
+                         search: SearchOutcome | None, smoothing: SmoothingRecord | None) -> dict[str, Any]:
     source = {
         "repo_id": src.repo_id,
         "revision": src.revision,
@@ -67,7 +69,36 @@ def _quantization_config(plan: ConversionPlan, options: ConvertOptions, src: Res
                             command=options.command(src.repo_id or options.base_model or "SOURCE"), errors=stats,
                             checkpoint_bytes=layout.total_bytes, tensor_hashes=hashes,
                             evaluation=search.evaluation if search is not None else None,
-                            fallback_search=search.record if search is not None else None)
+                            fallback_search=search.record if search is not None else None,
+                            smoothing=smoothing.to_dict() if smoothing is not None else None)
+
+
+def _calibrate(folder: Path, checkpoint: SourceCheckpoint, options: ConvertOptions, *, source_label: str,
+               progress: bool) -> tuple[SmoothingRecord | None, dict[str, TensorEdit], SearchOutcome | None]:
+    """Load the full-precision model once (float32) with its tokenizer; fold SmoothQuant's factors into it when
+    asked, then run the fallback search on that (smoothed) model when asked. Returns the smoothing record, its edits
+    by source tensor name (the pipeline applies the same edits to the stored tensors) and the search's outcome."""
+    import gc
+
+    from qformat.eval.api import load_model, load_tokenizer
+    from qformat.search.api import search_model
+    from qformat.smooth.api import checkpoint_edits, smooth_model
+
+    tokenizer = load_tokenizer(folder)  # before the model: a folder without one fails at once
+    model = load_model(folder)
+    try:
+        smoothing, edits = None, {}
+        if options.smoothquant is not None:
+            smoothing = smooth_model(model, tokenizer, options.smoothquant, progress=progress)
+            edits = checkpoint_edits(smoothing, model, checkpoint.tensors)
+        search = None
+        if options.auto_fallback is not None:
+            search = search_model(model, tokenizer, options, folder=folder, source_label=source_label,
+                                  progress=progress)
+        return smoothing, edits, search
+    finally:
+        del model
+        gc.collect()
 
 
 def _refuse_non_float_weights(layout: OutputLayout) -> None:
@@ -122,7 +153,9 @@ def convert(source: str | os.PathLike[str], output: str | os.PathLike[str], *, s
             the checkpoint (format version 2; docs/FORMAT.md section 8.4).
         smoothquant: fold SmoothQuant factors into the model before quantizing: True (alpha 0.5, built-in
             calibration text) or a `qformat.smooth.SmoothQuant` (or a dict of its fields: alpha, calib,
-            max_tokens). Needs the source's tokenizer.
+            max_tokens). Norm weights and Linear weights change where the fold is exact for the architecture (the
+            rest is recorded as skipped, with reasons); the checkpoint is an ordinary one. Needs the source's
+            tokenizer. With `auto_fallback` too, the search runs on the smoothed model.
         progress: show a progress bar of bytes converted.
 
     Returns:
@@ -144,14 +177,15 @@ def convert(source: str | os.PathLike[str], output: str | os.PathLike[str], *, s
     checkpoint.readahead(READAHEAD_START)
     structure = analyze_structure(src.path, {name: t.shape for name, t in checkpoint.tensors.items()})
     source_label = src.repo_id or options.base_model or "SOURCE"
-    search = None
-    if options.auto_fallback is not None:
-        plan_conversion(structure, options)  # a bad option fails before minutes of search
-        search = search_folder(src.path, options, source_label=source_label, progress=progress)
+    search, smoothing, edits = None, None, {}
+    if options.calibrates:
+        plan_conversion(structure, options)  # a bad option fails before minutes of calibration and search
+        smoothing, edits, search = _calibrate(src.path, checkpoint, options, source_label=source_label,
+                                              progress=progress)
     plan = plan_conversion(structure, options, search.fallback if search is not None else None)
     config = load_json(src.path / "config.json", error=SourceError)
     target_dtype = resolve_dtype(options.dtype, config)
-    layout = plan_output(checkpoint, plan, options.max_shard_size, dtype=target_dtype)
+    layout = plan_output(checkpoint, plan, options.max_shard_size, dtype=target_dtype, edits=edits)
     _refuse_non_float_weights(layout)
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         _copied, skipped = copy_support_files(src.path, tmp)
@@ -165,8 +199,8 @@ def convert(source: str | os.PathLike[str], output: str | os.PathLike[str], *, s
             write_weight_index(tmp, weight_map, layout.total_bytes)
         config = declare_dtype(config, target_dtype)
         config["quantization_config"] = _quantization_config(plan, options, src, checkpoint, layout, result.hashes,
-                                                             result.stats, skipped, search)
+                                                             result.stats, skipped, search, smoothing)
         write_json(tmp / "config.json", config)
     logger.info("wrote %s", out)
     return ConvertResult(out, len(plan.decisions), len(plan.quantized), checkpoint.nbytes, layout.total_bytes,
-                         search)
+                         search, smoothing)

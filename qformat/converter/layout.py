@@ -16,6 +16,7 @@ from qformat.io.safetensors_format import SHARD_METADATA, FileLayout, layout_fil
 from qformat.io.source import SourceCheckpoint, SourceTensor
 from qformat.plan.recipe import AUTO_DTYPE, DTYPES
 from qformat.plan.rules import ConversionPlan, ModuleDecision
+from qformat.smooth.fold import TensorEdit
 from qformat.spec.layout import FULL_PRECISION_DTYPES, TensorSpec, module_tensors
 
 __all__ = ["CASTABLE_DTYPES", "CONFIG_DTYPE_KEYS", "SINGLE_FILE", "OutputLayout", "SourceJob",
@@ -63,12 +64,14 @@ def _set_dtype_keys(node: dict[str, Any], name: str) -> None:
 
 @dataclass(frozen=True)
 class SourceJob:
-    """One source tensor and the output tensors it becomes (itself, for a tensor that is copied)."""
+    """One source tensor and the output tensors it becomes (itself, for a tensor that is copied). `edit`: how
+    SmoothQuant changes it before it is quantized or written (`qformat.smooth.fold.apply_edit`)."""
 
     source: SourceTensor
     outputs: tuple[TensorSpec, ...]
     shard: int
     decision: ModuleDecision | None  # set when the tensor is a weight being quantized
+    edit: TensorEdit | None = None
 
     @property
     def cast(self) -> str | None:
@@ -99,10 +102,11 @@ def _outputs(tensor: SourceTensor, decision: ModuleDecision | None, dtype: str |
 
 
 def plan_output(checkpoint: SourceCheckpoint, plan: ConversionPlan, max_shard_size: int, *,
-                dtype: str | None = None) -> OutputLayout:
+                dtype: str | None = None, edits: Mapping[str, TensorEdit] | None = None) -> OutputLayout:
     """Assign every output tensor to a shard, in source order, starting a new shard before one would exceed
     `max_shard_size` (a tensor larger than that gets a shard of its own). `dtype` (a `resolve_dtype` name) is the
-    dtype of every copied float tensor; None keeps each as stored."""
+    dtype of every copied float tensor; None keeps each as stored. `edits` (source tensor name -> edit) are
+    SmoothQuant's changes; an edited tensor keeps its output dtype and shape."""
     by_weight_key = {d.module.weight_key: d for d in plan.quantized}
     staged: list[tuple[SourceTensor, tuple[TensorSpec, ...], ModuleDecision | None]] = []
     for tensor in checkpoint.tensors.values():
@@ -118,7 +122,11 @@ def plan_output(checkpoint: SourceCheckpoint, plan: ConversionPlan, max_shard_si
         size += nbytes
     count = shard + 1
     names = (SINGLE_FILE,) if count == 1 else tuple(f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count))
-    jobs = tuple(SourceJob(t, outs, s, d) for (t, outs, d), s in zip(staged, shard_of))
+    edits = edits or {}
+    unknown = sorted(set(edits) - set(checkpoint.tensors))
+    if unknown:
+        raise ValueError(f"SmoothQuant edits {unknown[0]}, which the source does not store; report this bug")
+    jobs = tuple(SourceJob(t, outs, s, d, edits.get(t.name)) for (t, outs, d), s in zip(staged, shard_of))
     layouts = tuple(
         layout_file([o for job in jobs if job.shard == i for o in job.outputs], SHARD_METADATA) for i in range(count)
     )

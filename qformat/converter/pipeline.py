@@ -26,6 +26,7 @@ from qformat.io.source import TensorReader
 from qformat.io.writer import ShardWriter
 from qformat.plan.execute import quantize_module
 from qformat.plan.record import WeightError
+from qformat.smooth.fold import apply_edit
 
 __all__ = ["run_pipeline"]
 
@@ -107,12 +108,11 @@ class _WriterThread(threading.Thread):
             raise self.error
 
 
-def _cast(job: SourceJob, reader: TensorReader, dtype: str) -> torch.Tensor:
-    """The source tensor in `dtype`, as `Tensor.to` casts it (round to nearest even), which is what
-    `from_pretrained(..., dtype=...)` does to the same tensor. A cast that turns finite values into infinities
-    (float16 holds at most 65504; float64 to float32 or bfloat16 can overflow too) is refused: the checkpoint would
-    hold infinities its source does not."""
-    source = reader.tensor(job.source)
+def _cast(job: SourceJob, source: torch.Tensor, dtype: str) -> torch.Tensor:
+    """The source tensor (or its SmoothQuant edit) in `dtype`, as `Tensor.to` casts it (round to nearest even),
+    which is what `from_pretrained(..., dtype=...)` does to the same tensor. A cast that turns finite values into
+    infinities (float16 holds at most 65504; float64 to float32 or bfloat16 can overflow too) is refused: the
+    checkpoint would hold infinities its source does not."""
     cast = source.to(TORCH_DTYPES[dtype])
     if cast.is_floating_point() and not bool(torch.isfinite(cast).all()):
         overflow = torch.isfinite(source) & ~torch.isfinite(cast)
@@ -129,17 +129,19 @@ def _cast(job: SourceJob, reader: TensorReader, dtype: str) -> torch.Tensor:
 def _convert_job(job: SourceJob, reader: TensorReader, writer: _WriterThread, result: _Result) -> None:
     decision = job.decision
     source = job.source
-    if decision is None and job.cast is None:
+    if decision is None and job.cast is None and job.edit is None:
         writer.put(job.shard, source.name, reader.raw(source), after=lambda: reader.release(source), owned=False)
         return
+    tensor = reader.tensor(source)
+    if job.edit is not None:  # SmoothQuant: float32 arithmetic, rounded to the stored dtype below
+        tensor = apply_edit(tensor, job.edit)
     if decision is None:
-        assert job.cast is not None
-        cast = _cast(job, reader, job.cast)
+        cast = _cast(job, tensor, job.outputs[0].dtype)
         reader.release(source)
         writer.put(job.shard, source.name, tensor_bytes(cast))
         return
     module = decision.module
-    stored, result.stats[module.name] = quantize_module(reader.tensor(source), decision)
+    stored, result.stats[module.name] = quantize_module(tensor, decision)
     reader.release(source)
     for suffix, tensor in stored.items():
         writer.put(job.shard, f"{module.name}.{suffix}", tensor_bytes(tensor))
@@ -167,7 +169,8 @@ def run_pipeline(layout: OutputLayout, reader: TensorReader, folder: Path, *, pr
     try:
         for name, shard_layout in zip(layout.shard_names, layout.shard_layouts):
             writers.append(ShardWriter(folder / name, shard_layout))
-        largest = max((sum(o.nbytes for o in job.outputs) for job in layout.jobs if job.decision or job.cast),
+        largest = max((sum(o.nbytes for o in job.outputs) for job in layout.jobs
+                       if job.decision or job.cast or job.edit),
                       default=0)
         writer = _WriterThread(writers, result.hashes, budget=max(WRITE_BUDGET_MIN, 2 * largest))
         writer.start()

@@ -81,21 +81,33 @@ def _attach(model: nn.Module, config: QFormatConfig) -> None:
     _assign_is_quantized(model)
 
 
+def _tokenizer(model: nn.Module, tokenizer: Any, what: str) -> Any:
+    """`tokenizer`, else the model's own, loaded from `model.name_or_path`; `what` names the option needing it."""
+    if tokenizer is not None:
+        return tokenizer
+    from transformers import AutoTokenizer
+
+    name = getattr(model, "name_or_path", "") or ""
+    try:
+        return AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError, KeyError, TypeError):
+        raise OptionError(f"{what} needs the model's tokenizer: pass quantize_(..., tokenizer=...)") from None
+
+
 def _search(model: nn.Module, recipe: QuantRecipe, tokenizer: Any, progress: bool) -> Any:
     """Run the fallback search on the live model (left in full precision); the outcome's entries join the plan."""
     from qformat.search.api import search_model
 
-    if tokenizer is None:
-        from transformers import AutoTokenizer
-
-        name = getattr(model, "name_or_path", "") or ""
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(name)
-        except (OSError, ValueError, KeyError, TypeError):
-            raise OptionError("auto_fallback needs the model's tokenizer: pass quantize_(..., tokenizer=...)") from None
     source = source_record(model)
     return search_model(model, tokenizer, recipe, source_label=source.get("repo_id") or "SOURCE",
                         progress=progress)
+
+
+def _with_smoothing(config: QFormatConfig, record: Any) -> QFormatConfig:
+    """`config` with `provenance.smoothquant` set to the SmoothQuant record (`qformat.smooth.SmoothingRecord`)."""
+    block = config.to_dict()
+    block["provenance"] = {**block["provenance"], "smoothquant": record.to_dict()}
+    return QFormatConfig.from_checkpoint(block)
 
 
 @torch.no_grad()
@@ -108,9 +120,14 @@ def quantize_(model: nn.Module, config: QFormatConfig | QuantRecipe | None = Non
     `qformat convert` writes when the model holds the checkpoint's values (loaded in its stored dtype, or in a wider
     one). `dtype` other than "auto" casts the tensors kept in full precision afterwards.
 
-    With `auto_fallback` (True, or a `qformat.search.FallbackBudget`), the accuracy-driven search runs first on
-    the full-precision model (`tokenizer`: the model's, loaded from `model.name_or_path` when not given); the
-    modules it keeps get reason `sensitivity`, and its log and held-out evaluation go into the model's config.
+    With `smoothquant` (True, or a `qformat.smooth.SmoothQuant`), SmoothQuant's factors are folded into the model
+    first, where the fold is exact (`qformat.smooth.smooth_model`; recorded in `provenance.smoothquant`). With
+    `auto_fallback` (True, or a `qformat.search.FallbackBudget`), the accuracy-driven search runs next on the
+    full-precision (smoothed) model; the modules it keeps get reason `sensitivity`, and its log and held-out
+    evaluation go into the model's config. Both need `tokenizer` (the model's, loaded from `model.name_or_path`
+    when not given). Smoothed tensors equal `qformat convert --smoothquant`'s when the model holds the source's
+    values in float32 (as `from_pretrained` with `smoothquant` loads it); a bfloat16 model's weights are rounded
+    to bfloat16 after folding.
 
     Raises:
         OptionError: a bad option, or a model that is already quantized.
@@ -126,10 +143,18 @@ def quantize_(model: nn.Module, config: QFormatConfig | QuantRecipe | None = Non
 @torch.no_grad()
 def apply_recipe(model: nn.Module, recipe: QuantRecipe, *, tokenizer: Any = None,
                  progress: bool = False) -> QuantizeResult:
-    """`quantize_` without its checks and without attaching the config to the model: plan (after the fallback
-    search, if the recipe asks for one), quantize each planned module in place, build the checkpoint config.
-    `from_pretrained` with `QFormatConfig(auto_fallback=...)` uses it after loading the full-precision model."""
+    """`quantize_` without its checks and without attaching the config to the model: smooth (if the recipe asks
+    for SmoothQuant), plan (after the fallback search, if the recipe asks for one), quantize each planned module in
+    place, build the checkpoint config. `from_pretrained` with a recipe that calibrates (`QuantRecipe.calibrates`)
+    uses it after loading the full-precision model."""
     structure = structure_of(model)
+    if recipe.calibrates:
+        tokenizer = _tokenizer(model, tokenizer, "smoothquant" if recipe.auto_fallback is None else "auto_fallback")
+    smoothing = None
+    if recipe.smoothquant is not None:
+        from qformat.smooth.api import smooth_model
+
+        smoothing = smooth_model(model, tokenizer, recipe.smoothquant, progress=progress)
     search = _search(model, recipe, tokenizer, progress) if recipe.auto_fallback is not None else None
     plan = plan_conversion(structure, recipe, search.fallback if search is not None else None)
     errors: dict[str, WeightError] = {}
@@ -146,4 +171,6 @@ def apply_recipe(model: nn.Module, recipe: QuantRecipe, *, tokenizer: Any = None
     if recipe.dtype != AUTO_DTYPE:
         model.to(getattr(torch, recipe.dtype))
     result = finished_config(model, plan, recipe, source_record(model), errors, search)
+    if smoothing is not None:
+        result = _with_smoothing(result, smoothing)
     return QuantizeResult({d.module.name: d.scheme_name or "" for d in plan.quantized}, plan.fallback, result)
