@@ -20,7 +20,7 @@ from qformat.spec.config import FallbackEntry
 from qformat.spec.layout import FULL_PRECISION_DTYPES, QUANTIZED_MARKER
 from qformat.spec.schemes import Scheme
 
-__all__ = ["CardFacts", "SizeBreakdown", "SourceCard", "card_facts", "size_breakdown", "original_start", "split_source_card", "ORIGINAL_START",
+__all__ = ["CardFacts", "SizeBreakdown", "SmoothingFacts", "parse_smoothing", "SourceCard", "card_facts", "size_breakdown", "original_start", "split_source_card", "ORIGINAL_START",
            "ORIGINAL_END", "MARKER"]
 
 #: First line of every generated card body; `qformat card` recognises its own cards by it.
@@ -87,6 +87,40 @@ def size_breakdown(checkpoint: Any) -> SizeBreakdown:
 
 
 @dataclass(frozen=True)
+class SmoothingFacts:
+    """What a card says about SmoothQuant, from `provenance.smoothquant`: alpha, the calibration text (label,
+    SHA-256, tokens) and how many Linear inputs were smoothed and left alone."""
+
+    alpha: float
+    text: str | None
+    text_sha256: str | None
+    tokens: int | None
+    smoothed: int
+    skipped: int
+
+
+def _count(entries: Any) -> int:
+    return sum(len(e["linears"]) for e in entries if isinstance(e, dict) and isinstance(e.get("linears"), list)) \
+        if isinstance(entries, list) else 0
+
+
+def parse_smoothing(record: Any) -> SmoothingFacts | None:
+    """The card's SmoothQuant facts, or None where there is no readable record (a stranger's value is shown only
+    where it has the expected type)."""
+    if not isinstance(record, dict) or not isinstance(record.get("alpha"), (int, float)) \
+            or isinstance(record.get("alpha"), bool):
+        return None
+    calibration = record.get("calibration") if isinstance(record.get("calibration"), dict) else {}
+
+    def typed(key: str, kind: type) -> Any:
+        value = calibration.get(key)
+        return value if isinstance(value, kind) and not isinstance(value, bool) else None
+
+    return SmoothingFacts(float(record["alpha"]), typed("dataset", str), typed("text_sha256", str),
+                          typed("tokens", int), _count(record.get("smoothed")), _count(record.get("skipped")))
+
+
+@dataclass(frozen=True)
 class CardFacts:
     """The facts a card states, all derived from the checkpoint."""
 
@@ -121,6 +155,8 @@ class CardFacts:
     size: SizeBreakdown | None = None
     evaluation_hidden: int = 0  # recorded results not shown: unreadable, or past records.MAX_RESULTS
     fallback_search: FallbackSearch | None = None
+    smoothquant: SmoothingFacts | None = None
+    outlier_threshold: float | None = None  # LLM.int8() decomposition of the int8 W8A8 modules (format version 2)
 
     @property
     def weight_types(self) -> set[str]:
@@ -247,4 +283,6 @@ def card_facts(folder: str | Path) -> CardFacts:
         size=size_breakdown(checkpoint),
         evaluation_hidden=hidden,
         fallback_search=parse_fallback_search(qc.fallback_search),
+        smoothquant=parse_smoothing(qc.provenance.get("smoothquant")),
+        outlier_threshold=qc.outlier_threshold,
     )

@@ -132,7 +132,30 @@ def _optimizations(f: CardFacts) -> list[str]:
             or text(o) for o in f.observers))
     lines.append("2:4 structured sparsity: two of every four weights kept, stored compressed with a bitmask"
                  if f.sparse else "no sparsity")
+    if f.smoothquant is not None:
+        lines.append(_smoothing_line(f))
+    if f.outlier_threshold is not None:
+        t = f"{f.outlier_threshold:g}"
+        lines.append(f"LLM.int8() outlier decomposition at threshold {t}: input columns where a token reaches "
+                     f"|x| >= {t} are multiplied in float32 (`quantization_config.outlier_threshold`)")
     return lines
+
+
+def _smoothing_line(f: CardFacts) -> str:
+    """SmoothQuant's line: alpha, the calibration text's identity, and the Linear inputs it smoothed and skipped."""
+    sq = f.smoothquant
+    assert sq is not None
+    total = sq.smoothed + sq.skipped
+    if sq.text is not None:
+        sha = f", sha256 {code(sq.text_sha256[:12])}" if sq.text_sha256 else ""
+        tokens = f", {sq.tokens} tokens" if sq.tokens is not None else ""
+        calibrated = f"factors from calibration text {code(sq.text)}{sha}{tokens}"
+    else:
+        calibrated = "no calibration run (no input could be smoothed exactly)"
+    return (f"SmoothQuant (alpha {sq.alpha:g}) folded into the norms and weights before quantizing: {sq.smoothed} of "
+            f"{total} Linear inputs smoothed, {sq.skipped} left alone where the fold is not exact (reasons in "
+            f"`provenance.smoothquant`); {calibrated}; the model's full-precision outputs are unchanged up to "
+            "rounding (norm weights stored below float32 are rounded after folding)")
 
 
 def summary(f: CardFacts) -> list[str]:

@@ -280,6 +280,10 @@ def _provenance(value: Any) -> dict[str, Any]:
             str_at(name, f"{where}.source.skipped_weight_files[{i}]")
     if "tensor_hashes" in provenance:
         _string_map(provenance["tensor_hashes"], f"{where}.tensor_hashes")
+    smoothing = object_at(provenance.get("smoothquant"), f"{where}.smoothquant", nullable=True)
+    if smoothing is not None:
+        _typed_keys(smoothing, {"alpha": "number", "calibration": "object", "smoothed": "list", "skipped": "list"},
+                    f"{where}.smoothquant")
     imported = object_at(provenance.get("imported_from"), f"{where}.imported_from", nullable=True)
     if imported is not None:
         _typed_keys(imported, {"format": "str", "compressed_tensors_version": "str", "formats": "list",
