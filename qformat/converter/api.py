@@ -84,6 +84,10 @@ def _calibrate(folder: Path, checkpoint: SourceCheckpoint, options: ConvertOptio
     from qformat.search.api import search_model
     from qformat.smooth.api import checkpoint_edits, smooth_model
 
+    from qformat.eval.data import load_text
+
+    if options.smoothquant is not None:
+        load_text(options.smoothquant.calib)  # a missing calibration file fails before the model loads
     tokenizer = load_tokenizer(folder)  # before the model: a folder without one fails at once
     model = load_model(folder)
     try:
