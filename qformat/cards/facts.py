@@ -20,8 +20,8 @@ from qformat.spec.config import FallbackEntry
 from qformat.spec.layout import FULL_PRECISION_DTYPES, QUANTIZED_MARKER
 from qformat.spec.schemes import Scheme
 
-__all__ = ["CardFacts", "SizeBreakdown", "SmoothingFacts", "parse_smoothing", "SourceCard", "card_facts", "size_breakdown", "original_start", "split_source_card", "ORIGINAL_START",
-           "ORIGINAL_END", "MARKER"]
+__all__ = ["CardFacts", "SizeBreakdown", "SmoothingFacts", "parse_smoothing", "SourceCard", "card_facts",
+           "size_breakdown", "original_start", "split_source_card", "ORIGINAL_START", "ORIGINAL_END", "MARKER"]
 
 #: First line of every generated card body; `qformat card` recognises its own cards by it.
 MARKER = "<!-- qformat model card"

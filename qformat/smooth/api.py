@@ -112,7 +112,7 @@ def smooth_model(model: nn.Module, tokenizer: Any, spec: SmoothQuant, *, progres
     for place in places:
         act_max = maxima.get(place.targets[0])
         rows, cols = _factors(place, act_max, modules, spec.alpha)
-        place_edits(edits, place.source, place.kind, place.targets, rows, cols, modules)
+        place_edits(edits, place.source, place.targets, rows, cols, modules)
         smoothed.append({"source": names.get(place.source, place.source), "kind": place.kind,
                          "linears": [names.get(t, t) for t in place.targets], "channels": int(rows.numel()),
                          "factor_min": significant(float(rows.min())), "factor_max": significant(float(rows.max())),

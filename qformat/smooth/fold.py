@@ -48,7 +48,7 @@ def _add(edits: dict[str, TensorEdit], name: str, edit: TensorEdit) -> None:
     edits[name] = edits[name].merged(edit) if name in edits else edit
 
 
-def place_edits(edits: dict[str, TensorEdit], source: str, kind: str, targets: tuple[str, ...],
+def place_edits(edits: dict[str, TensorEdit], source: str, targets: tuple[str, ...],
                 row_factors: torch.Tensor, col_factors: torch.Tensor, modules: Mapping[str, nn.Module]) -> None:
     """Add one fold's edits to `edits` (parameter path -> edit): the source's output divided by `row_factors`, each
     target's columns multiplied by `col_factors` (the same factors, or with grouped-query attention the v_proj

@@ -143,3 +143,34 @@ def test_bad_options_are_one_line_errors(outlier_llama, tmp_path, args, message)
     lines = [line for line in result.output.strip().splitlines() if line]
     assert len(lines) == 1 and message in lines[0], result.output
     assert "Traceback" not in result.output and not (tmp_path / "out").exists()
+
+
+def test_the_fallback_search_runs_on_the_smoothed_model(outlier_llama, tokenizer, tmp_path):
+    """One full-precision load serves both: the search's baseline is the smoothed model's, and convert and quantize_
+    still agree byte for byte."""
+    budget = {"max_loss": 1e-4, "metric": "kl", "max_tokens": 128}
+    sq = {"alpha": 0.5, "max_tokens": 128}
+    result = qformat.convert(outlier_llama, tmp_path / "both", scheme="w8a8-int8", smoothquant=sq,
+                             auto_fallback=budget)
+    block = _config(result.output)
+    assert block["provenance"]["smoothquant"]["linear_inputs"]["smoothed"] == 14
+    assert block["fallback_search"] is not None and result.search is not None
+    model = AutoModelForCausalLM.from_pretrained(outlier_llama, dtype=torch.float32)
+    qformat.quantize_(model, QuantRecipe(scheme="w8a8-int8", smoothquant=sq, auto_fallback=budget),
+                      tokenizer=tokenizer)
+    model.save_pretrained(tmp_path / "mem")
+    converted = load_file(result.output / "model.safetensors")
+    in_memory = load_file(tmp_path / "mem" / "model.safetensors")
+    assert converted.keys() == in_memory.keys()
+    assert all(torch.equal(converted[k], in_memory[k]) for k in converted)
+    qformat.verify(result.output)
+
+
+def test_the_card_names_the_outlier_threshold(outlier_llama, tmp_path):
+    from qformat.cards.render import render_card
+
+    out = qformat.convert(outlier_llama, tmp_path / "int8", scheme="w8a8-int8", outlier_threshold=6.0).output
+    lines = [line for line in render_card(out).splitlines() if "LLM.int8()" in line]
+    assert len(lines) == 1 and "threshold 6:" in lines[0] and "|x| >= 6 are multiplied in float32" in lines[0]
+    assert not any("LLM.int8()" in line for line in render_card(qformat.convert(
+        outlier_llama, tmp_path / "plain", scheme="w8a8-int8").output).splitlines())
