@@ -45,6 +45,7 @@ __all__ = [
     "convert",
     "evaluate",
     "export_compressed_tensors",
+    "import_bitsandbytes",
     "import_compressed_tensors",
     "inspect",
     "push",
@@ -62,7 +63,7 @@ def __getattr__(name: str):  # lazy: keep `import qformat` free of torch until a
         from qformat.eval import evaluate
 
         return evaluate
-    if name in ("export_compressed_tensors", "import_compressed_tensors"):
+    if name in ("export_compressed_tensors", "import_bitsandbytes", "import_compressed_tensors"):
         import qformat.export
 
         return getattr(qformat.export, name)

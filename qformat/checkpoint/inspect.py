@@ -66,6 +66,7 @@ class CheckpointSummary:
     ratio: float | None
     mean_rel_error: float | None
     max_rel_error: float | None
+    outlier_threshold: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -79,6 +80,8 @@ class CheckpointSummary:
         add(f"  scheme            {self.default_scheme}: {self.schemes[self.default_scheme]}")
         for override in self.overrides:
             add(f"  override          {override}")
+        if self.outlier_threshold is not None:
+            add(f"  outliers          LLM.int8() decomposition at |x| >= {self.outlier_threshold:g} (int8 W8A8 modules)")
         per_scheme = ", ".join(f"{n} {name}" for name, n in self.modules_per_scheme.items())
         add(f"  Linear modules    {self.quantized_modules}/{self.linear_modules} Linear quantized ({per_scheme or 'none'})")
         reasons = ", ".join(f"{n} {reason}" for reason, n in self.fallback_by_reason.items())
@@ -127,4 +130,5 @@ def inspect(folder: str | Path) -> CheckpointSummary:
         ratio=source_bytes / ckpt.nbytes if source_bytes and ckpt.nbytes else None,
         mean_rel_error=sum(errors) / len(errors) if errors else None,
         max_rel_error=max(errors) if errors else None,
+        outlier_threshold=q.outlier_threshold,
     )

@@ -57,6 +57,7 @@ class VerifyReport:
     hashes_checked: int
     linear_modules: int | None = None
     structure_note: str = ""
+    format_version: int = 1
 
 
 def _fail(where: str, problem: str) -> FormatError:
@@ -214,4 +215,5 @@ def verify(folder: str | Path, *, check_hashes: bool = True, check_structure: bo
         raise _fail(odd, "statistics.modules and the stored quantized modules disagree")
     linears, note = _check_structure(ckpt, quantized) if check_structure else (None, "model structure not checked")
     hashes = _check_hashes(ckpt) if check_hashes else 0
-    return VerifyReport(ckpt.folder, len(ckpt.tensors), len(quantized), len(qconfig.fallback), hashes, linears, note)
+    return VerifyReport(ckpt.folder, len(ckpt.tensors), len(quantized), len(qconfig.fallback), hashes, linears, note,
+                        qconfig.format_version)

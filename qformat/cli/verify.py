@@ -19,7 +19,7 @@ def verify_command(directory: str, no_hashes: bool) -> None:
 
         report = verify(directory, check_hashes=not no_hashes)
         linears = f"{report.linear_modules} Linear modules: " if report.linear_modules is not None else ""
-        click.echo(f"ok: {report.folder} follows qformat format v1 ({report.tensors} tensors; {linears}"
+        click.echo(f"ok: {report.folder} follows qformat format v{report.format_version} ({report.tensors} tensors; {linears}"
                    f"{report.quantized_modules} quantized, {report.fallback_modules} in full precision; "
                    f"{report.hashes_checked} hashes checked)")
         if report.structure_note:

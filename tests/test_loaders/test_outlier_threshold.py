@@ -61,6 +61,10 @@ def test_convert_records_the_threshold_in_format_version_2(checkpoints):
     assert "outlier_threshold" not in _qconfig(checkpoints["plain"])
     assert _qconfig(checkpoints["plain"])["format_version"] == 1  # nothing new: version-1 readers still read it
     assert qformat.verify(checkpoints["t6"]).quantized_modules == 14
+    verified = CliRunner().invoke(cli, ["verify", str(checkpoints["t6"])])
+    assert verified.exit_code == 0 and "follows qformat format v2" in verified.output
+    shown = CliRunner().invoke(cli, ["inspect", str(checkpoints["t6"])])
+    assert "LLM.int8() decomposition at |x| >= 6" in shown.output
 
 
 def test_the_threshold_wins_back_what_plain_w8a8_loses(planted, checkpoints):
