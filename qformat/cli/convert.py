@@ -118,7 +118,8 @@ def _smoothing(enabled: bool, **given: object) -> object:
     if not enabled:
         flags = [f for f, key in (("--alpha", "alpha"), ("--smooth-tokens", "max_tokens")) if key in given]
         if flags:
-            raise OptionError(f"{', '.join(flags)} only apply with --smoothquant; add it or drop them")
+            verb = "applies" if len(flags) == 1 else "apply"
+            raise OptionError(f"{', '.join(flags)} only {verb} with --smoothquant; add it or drop them")
         return None
     return SmoothQuant(**given)  # type: ignore[arg-type]
 
@@ -132,6 +133,7 @@ def _budget(enabled: bool, **given: object) -> object:
     if not enabled:
         if given:
             flags = ", ".join("--" + k.replace("_", "-").replace("max-tokens", "search-tokens") for k in given)
-            raise OptionError(f"{flags} only apply with --auto-fallback; add it or drop them")
+            verb = "applies" if len(given) == 1 else "apply"
+            raise OptionError(f"{flags} only {verb} with --auto-fallback; add it or drop them")
         return None
     return FallbackBudget(**given)  # type: ignore[arg-type]

@@ -103,13 +103,6 @@ def _search(model: nn.Module, recipe: QuantRecipe, tokenizer: Any, progress: boo
                         progress=progress)
 
 
-def _with_smoothing(config: QFormatConfig, record: Any) -> QFormatConfig:
-    """`config` with `provenance.smoothquant` set to the SmoothQuant record (`qformat.smooth.SmoothingRecord`)."""
-    block = config.to_dict()
-    block["provenance"] = {**block["provenance"], "smoothquant": record.to_dict()}
-    return QFormatConfig.from_checkpoint(block)
-
-
 @torch.no_grad()
 def quantize_(model: nn.Module, config: QFormatConfig | QuantRecipe | None = None, /, *, tokenizer: Any = None,
               progress: bool = False, **options: Any) -> QuantizeResult:
@@ -170,7 +163,5 @@ def apply_recipe(model: nn.Module, recipe: QuantRecipe, *, tokenizer: Any = None
         del stored, linear
     if recipe.dtype != AUTO_DTYPE:
         model.to(getattr(torch, recipe.dtype))
-    result = finished_config(model, plan, recipe, source_record(model), errors, search)
-    if smoothing is not None:
-        result = _with_smoothing(result, smoothing)
+    result = finished_config(model, plan, recipe, source_record(model), errors, search, smoothing)
     return QuantizeResult({d.module.name: d.scheme_name or "" for d in plan.quantized}, plan.fallback, result)

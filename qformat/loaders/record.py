@@ -55,13 +55,15 @@ def _saved_bytes(model: nn.Module) -> int:
 
 
 def finished_config(model: nn.Module, plan: ConversionPlan, recipe: QuantRecipe, source: dict[str, Any],
-                    errors: dict[str, ModuleError], search: Any = None) -> QFormatConfig:
+                    errors: dict[str, ModuleError], search: Any = None, smoothing: Any = None) -> QFormatConfig:
     """The checkpoint config of `model` after `plan` was applied: the rules, provenance (source, recipe, equivalent
-    command; tensor hashes are filled in when it is saved), statistics, and a fallback search's records (`search`,
-    a `qformat.search.fallback.SearchOutcome`) when one ran."""
+    command; tensor hashes are filled in when it is saved; SmoothQuant's record when `smoothing`, a
+    `qformat.smooth.SmoothingRecord`, is given), statistics, and a fallback search's records (`search`, a
+    `qformat.search.fallback.SearchOutcome`) when one ran."""
     label = source.get("repo_id") or "SOURCE"
     block = checkpoint_block(plan, recipe, source=source, command=recipe.command(label), errors=errors,
                              checkpoint_bytes=_saved_bytes(model),
                              evaluation=search.evaluation if search is not None else None,
-                             fallback_search=search.record if search is not None else None)
+                             fallback_search=search.record if search is not None else None,
+                             smoothing=smoothing.to_dict() if smoothing is not None else None)
     return QFormatConfig.from_checkpoint(block)

@@ -118,7 +118,7 @@ def test_max_evals_stops_the_search(tmp_path):
 def test_search_options_are_checked_before_anything_runs(readable, tmp_path):
     runner = CliRunner()
     lone = runner.invoke(cli, ["convert", str(readable("llama")), str(tmp_path / "a"), "--max-loss", "1%"])
-    assert lone.exit_code == 2 and "--max-loss only apply with --auto-fallback" in lone.output
+    assert lone.exit_code == 2 and "--max-loss only applies with --auto-fallback" in lone.output
     same = runner.invoke(cli, ["convert", str(readable("llama")), str(tmp_path / "b"), "--auto-fallback",
                                "--eval-text", "heldout"])
     assert same.exit_code == 2 and "must differ" in same.output

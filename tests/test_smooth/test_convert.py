@@ -133,7 +133,7 @@ def test_smoothing_shrinks_w8a8_error_on_activation_outliers(arch, tokenizer, he
 
 @pytest.mark.parametrize(("args", "message"), [
     (["--smoothquant", "--alpha", "1.5"], "--alpha must be a number between 0 and 1"),
-    (["--alpha", "0.5"], "--alpha only apply with --smoothquant"),
+    (["--alpha", "0.5"], "--alpha only applies with --smoothquant"),
     (["--smoothquant", "--calib", "/nonexistent/calib.txt"], "calib.txt"),
     (["--smoothquant", "--scheme", "w8a16-int8"], "--smoothquant helps schemes that quantize activations"),
 ])
@@ -174,3 +174,16 @@ def test_the_card_names_the_outlier_threshold(outlier_llama, tmp_path):
     assert len(lines) == 1 and "threshold 6:" in lines[0] and "|x| >= 6 are multiplied in float32" in lines[0]
     assert not any("LLM.int8()" in line for line in render_card(qformat.convert(
         outlier_llama, tmp_path / "plain", scheme="w8a8-int8").output).splitlines())
+
+
+def test_from_pretrained_with_smoothquant_writes_what_convert_writes(smoothed, outlier_llama, calib_file, tmp_path):
+    """QFormatConfig(smoothquant=...) loads in float32, smooths, quantizes; save_pretrained then holds convert's
+    tensors, byte for byte."""
+    config = qformat.QFormatConfig(scheme="w8a8-int8", smoothquant={"alpha": 0.6, "calib": str(calib_file),
+                                                                    "max_tokens": 256})
+    model = AutoModelForCausalLM.from_pretrained(outlier_llama, quantization_config=config)
+    assert model.config.quantization_config.checkpoint.provenance["smoothquant"]["alpha"] == 0.6
+    model.save_pretrained(tmp_path / "saved")
+    saved, converted = load_file(tmp_path / "saved" / "model.safetensors"), load_file(smoothed / "model.safetensors")
+    assert set(saved) == set(converted)
+    assert all(torch.equal(saved[name], converted[name]) for name in converted)
