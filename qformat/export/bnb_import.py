@@ -26,25 +26,19 @@ from __future__ import annotations
 import logging
 import math
 import os
-import shlex
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from qformat._version import __version__
 from qformat.errors import FormatError
 from qformat.export.bnb_plan import SCHEME, BnbModule, BnbPlan, plan_bnb_import
-from qformat.export.ct_import import ImportResult
-from qformat.io.atomic import atomic_output_dir
+from qformat.export.imported import ImportResult, import_provenance, import_statistics, write_imported
 from qformat.io.dtypes import SAFETENSORS_CODES, tensor_bytes
-from qformat.io.index import write_weight_index
 from qformat.io.resolve import resolve_source_for
 from qformat.io.safetensors_format import SHARD_METADATA, layout_file
 from qformat.io.source import SourceCheckpoint, TensorReader
-from qformat.io.support_files import copy_support_files
-from qformat.io.writer import ShardWriter, write_json
-from qformat.plan.record import environment
+from qformat.io.writer import ShardWriter
 from qformat.quantize.observers import MIN_SCALE
 from qformat.spec.config import CheckpointConfig
 from qformat.spec.fused import fused_groups_for
@@ -125,25 +119,9 @@ def _parameters(plan: BnbPlan, ckpt: SourceCheckpoint) -> int:
 def _qformat_config(plan: BnbPlan, ckpt: SourceCheckpoint, repo_id: str | None, revision: str | None,
                     base_model: str | None, hashes: dict[str, str], nbytes: int) -> CheckpointConfig:
     name = scheme_name_for(SCHEME)
-    command = ["qformat", "import", repo_id or base_model or "SOURCE", "OUTPUT"]
-    if revision:
-        command += ["--revision", revision]
-    if base_model and base_model != repo_id:
-        command += ["--base-model", base_model]
-    provenance = {
-        "qformat_version": __version__,
-        "environment": environment(),
-        "source": {"repo_id": repo_id, "revision": revision, "base_model": base_model, "format": ckpt.format,
-                   "parameters": _parameters(plan, ckpt), "bytes": None},
-        "options": {"import": True, "revision": revision, "base_model": base_model},
-        "command": shlex.join(command),
-        "imported_from": dict(plan.record, bytes=ckpt.nbytes),
-        "tensor_hashes": dict(sorted(hashes.items())),
-    }
-    # rel_error is unknown: the full-precision weights were never in the source
-    statistics = {"linear_modules": len(plan.structure.linears), "quantized_modules": len(plan.modules),
-                  "checkpoint_bytes": nbytes,
-                  "modules": {m: {"scheme": name, "observer": None, "rel_error": None} for m in plan.modules}}
+    provenance = import_provenance(ckpt, repo_id=repo_id, revision=revision, base_model=base_model,
+                                   parameters=_parameters(plan, ckpt), imported_from=plan.record, hashes=hashes)
+    statistics = import_statistics(len(plan.structure.linears), dict.fromkeys(plan.modules, name), nbytes)
     config = CheckpointConfig(schemes={name: SCHEME}, default_scheme=name, overrides=(), fallback=plan.fallback,
                               fused_groups=fused_groups_for(plan.structure.model_type), provenance=provenance,
                               statistics=statistics, outlier_threshold=plan.outlier_threshold)
@@ -163,29 +141,17 @@ def import_bitsandbytes(source: str | os.PathLike[str], output: str | os.PathLik
         OptionError: SOURCE uses something qformat v1 cannot represent (4-bit, fp16 master weights, a column-major
             layout, a shape or fused group qformat's kernels cannot run); the message names the module and feature.
     """
-    from qformat.checkpoint.verify import verify
-
     out = Path(output)
     src = resolve_source_for(source, out, revision=revision, overwrite=overwrite)
     ckpt = SourceCheckpoint(src.path)
     with ckpt.reader() as reader:
         plan = plan_bnb_import(src.path, ckpt, reader)
         base = base_model or src.repo_id
-        with atomic_output_dir(out, overwrite=overwrite) as tmp:
-            copy_support_files(src.path, tmp)
-            hashes, weight_map = _write_shards(plan, ckpt, reader, tmp)
-            nbytes = sum((tmp / f).stat().st_size for f in ckpt.files)
-            if ckpt.index_file is not None:
-                write_weight_index(tmp, weight_map, nbytes)
-            config = dict(plan.config)
-            qconfig = _qformat_config(plan, ckpt, src.repo_id, src.revision, base, hashes, nbytes)
-            config["quantization_config"] = qconfig.to_dict()
-            write_json(tmp / "config.json", config)
-            try:
-                verify(tmp, check_hashes=False)
-            except FormatError as exc:
-                raise FormatError(f"the imported checkpoint does not verify ({exc}); the source is inconsistent "
-                                  "or this is a qformat bug (please report it)") from None
+        nbytes = write_imported(
+            src.path, ckpt, out, overwrite=overwrite, config=plan.config,
+            write_shards=lambda folder: _write_shards(plan, ckpt, reader, folder),
+            quantization_config=lambda hashes, size: _qformat_config(plan, ckpt, src.repo_id, src.revision, base,
+                                                                     hashes, size))
     logger.info("wrote %s", out)
     name = scheme_name_for(SCHEME)
     return ImportResult(out, len(plan.modules), len(plan.fallback), {name: len(plan.modules)}, [], nbytes)

@@ -14,49 +14,31 @@ from __future__ import annotations
 import logging
 import math
 import os
-import shlex
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from qformat.plan.record import environment
 from qformat.quantize.stored import sparse_shape
-from qformat._version import __version__
-from qformat.io.support_files import copy_support_files
 from qformat.io.resolve import resolve_source_for
 from qformat.errors import FormatError
 from qformat.export.ct_plan import ImportPlan, ModulePlan, plan_import
+from qformat.export.imported import ImportResult, import_provenance, import_statistics, write_imported
 from qformat.export.packing import unpack_int8
-from qformat.io.atomic import atomic_output_dir
-from qformat.io.index import write_weight_index
 from qformat.io.dtypes import SAFETENSORS_CODES, tensor_bytes
 from qformat.io.safetensors_format import SHARD_METADATA, layout_file
 from qformat.io.source import SourceCheckpoint, TensorReader
-from qformat.io.writer import ShardWriter, write_json
+from qformat.io.writer import ShardWriter
 from qformat.quantize.sparse24 import compress_2_4, decompress_2_4
 from qformat.spec.config import CheckpointConfig
 from qformat.spec.fused import fused_groups_for
 from qformat.spec.layout import TensorSpec, module_tensors
 from qformat.spec.schemes import scheme_name_for
 
-__all__ = ["ImportResult", "import_compressed_tensors"]
+__all__ = ["import_compressed_tensors"]
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ImportResult:
-    """What an import wrote."""
-
-    output: Path
-    quantized_modules: int
-    fallback_modules: int
-    schemes: dict[str, int]  # scheme name -> modules
-    sparse_modules: list[str]  # modules stored 2:4 compressed
-    checkpoint_bytes: int
 
 
 def _dense_values(plan: ModulePlan, ckpt: SourceCheckpoint, reader: TensorReader) -> torch.Tensor:
@@ -147,25 +129,9 @@ def _qformat_config(plan: ImportPlan, ckpt: SourceCheckpoint, repo_id: str | Non
     counts = Counter(names.values())
     default = counts.most_common(1)[0][0]
     schemes = {scheme_name_for(p.scheme): p.scheme for p in plan.modules.values()}
-    command = ["qformat", "import", repo_id or base_model or "SOURCE", "OUTPUT"]
-    if revision:
-        command += ["--revision", revision]
-    if base_model and base_model != repo_id:
-        command += ["--base-model", base_model]
-    provenance = {
-        "qformat_version": __version__,
-        "environment": environment(),
-        "source": {"repo_id": repo_id, "revision": revision, "base_model": base_model, "format": ckpt.format,
-                   "parameters": _parameters(plan, ckpt), "bytes": None},
-        "options": {"import": True, "revision": revision, "base_model": base_model},
-        "command": shlex.join(command),
-        "imported_from": dict(plan.record, bytes=ckpt.nbytes),
-        "tensor_hashes": dict(sorted(hashes.items())),
-    }
-    # rel_error is unknown: the full-precision weights were never in the source
-    statistics = {"linear_modules": len(plan.structure.linears), "quantized_modules": len(plan.modules),
-                  "checkpoint_bytes": nbytes,
-                  "modules": {m: {"scheme": names[m], "observer": None, "rel_error": None} for m in plan.modules}}
+    provenance = import_provenance(ckpt, repo_id=repo_id, revision=revision, base_model=base_model,
+                                   parameters=_parameters(plan, ckpt), imported_from=plan.record, hashes=hashes)
+    statistics = import_statistics(len(plan.structure.linears), names, nbytes)
     config = CheckpointConfig(schemes=schemes, default_scheme=default,
                            overrides=tuple((m, n) for m, n in names.items() if n != default),
                            fallback=plan.fallback, fused_groups=fused_groups_for(plan.structure.model_type),
@@ -185,31 +151,18 @@ def import_compressed_tensors(source: str | os.PathLike[str], output: str | os.P
         FormatError: SOURCE is not a (consistent) compressed-tensors checkpoint.
         OptionError: SOURCE uses something qformat v1 cannot represent; the message names the module and feature.
     """
-    from qformat.checkpoint.verify import verify
-
     out = Path(output)
     src = resolve_source_for(source, out, revision=revision, overwrite=overwrite)
     ckpt = SourceCheckpoint(src.path)
     with ckpt.reader() as reader:
         plan = plan_import(src.path, ckpt, reader)
         base = base_model or plan.note.get("base_model") or src.repo_id
-        with atomic_output_dir(out, overwrite=overwrite) as tmp:
-            copy_support_files(src.path, tmp)
-            hashes, weight_map = _write_shards(plan, ckpt, reader, tmp)
-            nbytes = sum((tmp / f).stat().st_size for f in ckpt.files)
-            if ckpt.index_file is not None:
-                write_weight_index(tmp, weight_map, nbytes)
-            config = dict(plan.config)
-            config.pop("compression_config", None)
-            config.pop("sparsity_config", None)
-            qconfig = _qformat_config(plan, ckpt, src.repo_id, src.revision, base, hashes, nbytes)
-            config["quantization_config"] = qconfig.to_dict()
-            write_json(tmp / "config.json", config)
-            try:
-                verify(tmp, check_hashes=False)
-            except FormatError as exc:
-                raise FormatError(f"the imported checkpoint does not verify ({exc}); the source is inconsistent "
-                                  "or this is a qformat bug (please report it)") from None
+        config = {k: v for k, v in plan.config.items() if k not in ("compression_config", "sparsity_config")}
+        nbytes = write_imported(
+            src.path, ckpt, out, overwrite=overwrite, config=config,
+            write_shards=lambda folder: _write_shards(plan, ckpt, reader, folder),
+            quantization_config=lambda hashes, size: _qformat_config(plan, ckpt, src.repo_id, src.revision, base,
+                                                                     hashes, size))
     logger.info("wrote %s", out)
     sparse = sorted(m for m, p in plan.modules.items() if p.sparse)
     counts = Counter(scheme_name_for(p.scheme) for p in plan.modules.values())

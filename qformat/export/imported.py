@@ -1,0 +1,89 @@
+"""What every `qformat import` shares, whatever the source format: the provenance and statistics an imported
+checkpoint records (docs/FORMAT.md section 11.3), and writing it atomically, verified before it is renamed into
+place. The format-specific importers (compressed-tensors, bitsandbytes) plan and stream the tensors."""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from qformat._version import __version__
+from qformat.errors import FormatError
+from qformat.io.atomic import atomic_output_dir
+from qformat.io.index import write_weight_index
+from qformat.io.source import SourceCheckpoint
+from qformat.io.support_files import copy_support_files
+from qformat.io.writer import write_json
+from qformat.plan.record import environment
+from qformat.spec.config import CheckpointConfig
+
+__all__ = ["ImportResult", "import_provenance", "import_statistics", "write_imported"]
+
+
+@dataclass(frozen=True)
+class ImportResult:
+    """What an import wrote."""
+
+    output: Path
+    quantized_modules: int
+    fallback_modules: int
+    schemes: dict[str, int]  # scheme name -> modules
+    sparse_modules: list[str]  # modules stored 2:4 compressed
+    checkpoint_bytes: int
+
+
+def import_provenance(ckpt: SourceCheckpoint, *, repo_id: str | None, revision: str | None,
+                      base_model: str | None, parameters: int, imported_from: Mapping[str, Any],
+                      hashes: Mapping[str, str]) -> dict[str, Any]:
+    """`provenance` of an imported checkpoint: the `qformat import` command, the source (whose full-precision size
+    is unknown: `bytes` null) and what it was imported from."""
+    command = ["qformat", "import", repo_id or base_model or "SOURCE", "OUTPUT"]
+    if revision:
+        command += ["--revision", revision]
+    if base_model and base_model != repo_id:
+        command += ["--base-model", base_model]
+    return {
+        "qformat_version": __version__,
+        "environment": environment(),
+        "source": {"repo_id": repo_id, "revision": revision, "base_model": base_model, "format": ckpt.format,
+                   "parameters": parameters, "bytes": None},
+        "options": {"import": True, "revision": revision, "base_model": base_model},
+        "command": shlex.join(command),
+        "imported_from": dict(imported_from, bytes=ckpt.nbytes),
+        "tensor_hashes": dict(sorted(hashes.items())),
+    }
+
+
+def import_statistics(linear_modules: int, schemes: Mapping[str, str], nbytes: int) -> dict[str, Any]:
+    """`statistics` of an imported checkpoint (`schemes`: quantized module -> scheme name). The weight error is
+    unknown: the full-precision weights were never in the source."""
+    return {"linear_modules": linear_modules, "quantized_modules": len(schemes), "checkpoint_bytes": nbytes,
+            "modules": {m: {"scheme": name, "observer": None, "rel_error": None} for m, name in schemes.items()}}
+
+
+def write_imported(source: Path, ckpt: SourceCheckpoint, out: Path, *, overwrite: bool, config: Mapping[str, Any],
+                   write_shards: Callable[[Path], tuple[dict[str, str], dict[str, str]]],
+                   quantization_config: Callable[[dict[str, str], int], CheckpointConfig]) -> int:
+    """Write the imported checkpoint to `out` atomically and return its bytes: support files, the shards
+    (`write_shards(folder) -> (tensor hashes, weight map)`), config.json (`config`, the source's without its
+    quantization keys, plus `quantization_config(hashes, nbytes)`); `qformat verify` must pass before the rename."""
+    from qformat.checkpoint.verify import verify
+
+    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+        copy_support_files(source, tmp)
+        hashes, weight_map = write_shards(tmp)
+        nbytes = sum((tmp / f).stat().st_size for f in ckpt.files)
+        if ckpt.index_file is not None:
+            write_weight_index(tmp, weight_map, nbytes)
+        written = dict(config)
+        written["quantization_config"] = quantization_config(hashes, nbytes).to_dict()
+        write_json(tmp / "config.json", written)
+        try:
+            verify(tmp, check_hashes=False)
+        except FormatError as exc:
+            raise FormatError(f"the imported checkpoint does not verify ({exc}); the source is inconsistent "
+                              "or this is a qformat bug (please report it)") from None
+    return nbytes
