@@ -24,17 +24,21 @@ shard, streamed tensor by tensor, verified before it is renamed into place.
 from __future__ import annotations
 
 import logging
-import math
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from qformat.errors import FormatError
 from qformat.export.bnb_plan import SCHEME, BnbModule, BnbPlan, plan_bnb_import
-from qformat.export.imported import ImportResult, import_provenance, import_statistics, write_imported
-from qformat.io.dtypes import SAFETENSORS_CODES, tensor_bytes
+from qformat.export.imported import (
+    ImportResult,
+    import_parameters,
+    import_provenance,
+    import_statistics,
+    write_checked,
+    write_imported,
+)
 from qformat.io.resolve import resolve_source_for
 from qformat.io.safetensors_format import SHARD_METADATA, layout_file
 from qformat.io.source import SourceCheckpoint, TensorReader
@@ -92,15 +96,7 @@ def _write_shards(plan: BnbPlan, ckpt: SourceCheckpoint, reader: TensorReader,
                 reader.release(t)
             for m in modules:
                 for name, value in _module_data(m, reader).items():
-                    entry = writer.layout.entries[name]
-                    raw = isinstance(value, memoryview)
-                    got = value.nbytes if raw else value.numel() * value.element_size()
-                    if got != entry.nbytes or (not raw and SAFETENSORS_CODES[value.dtype] != entry.dtype):
-                        raise FormatError(f"{name} does not have the shape qformat stores it with "
-                                          f"({entry.dtype} {list(entry.shape)}); the source is inconsistent")
-                    sink = writer.sink(name)
-                    sink.write(value if raw else tensor_bytes(value))
-                    hashes[name] = sink.finish()
+                    write_checked(writer, name, value, hashes)
                 for t in (m.weight, m.scb):
                     reader.release(t)
             writer.close(sync=True)
@@ -110,17 +106,11 @@ def _write_shards(plan: BnbPlan, ckpt: SourceCheckpoint, reader: TensorReader,
     return hashes, weight_map
 
 
-def _parameters(plan: BnbPlan, ckpt: SourceCheckpoint) -> int:
-    replaced = {name for m in plan.modules.values() for name in m.source_tensors}
-    total = sum(m.out_features * m.in_features for m in plan.modules.values())
-    return total + sum(math.prod(t.shape) for t in ckpt.tensors.values() if t.name not in replaced)
-
-
 def _qformat_config(plan: BnbPlan, ckpt: SourceCheckpoint, repo_id: str | None, revision: str | None,
                     base_model: str | None, hashes: dict[str, str], nbytes: int) -> CheckpointConfig:
     name = scheme_name_for(SCHEME)
     provenance = import_provenance(ckpt, repo_id=repo_id, revision=revision, base_model=base_model,
-                                   parameters=_parameters(plan, ckpt), imported_from=plan.record, hashes=hashes)
+                                   parameters=import_parameters(plan.modules.values(), ckpt), imported_from=plan.record, hashes=hashes)
     statistics = import_statistics(len(plan.structure.linears), dict.fromkeys(plan.modules, name), nbytes)
     config = CheckpointConfig(schemes={name: SCHEME}, default_scheme=name, overrides=(), fallback=plan.fallback,
                               fused_groups=fused_groups_for(plan.structure.model_type), provenance=provenance,

@@ -12,7 +12,6 @@ verified before it is renamed into place.
 from __future__ import annotations
 
 import logging
-import math
 import os
 from collections import Counter
 from pathlib import Path
@@ -22,11 +21,16 @@ import torch
 
 from qformat.quantize.stored import sparse_shape
 from qformat.io.resolve import resolve_source_for
-from qformat.errors import FormatError
 from qformat.export.ct_plan import ImportPlan, ModulePlan, plan_import
-from qformat.export.imported import ImportResult, import_provenance, import_statistics, write_imported
+from qformat.export.imported import (
+    ImportResult,
+    import_parameters,
+    import_provenance,
+    import_statistics,
+    write_checked,
+    write_imported,
+)
 from qformat.export.packing import unpack_int8
-from qformat.io.dtypes import SAFETENSORS_CODES, tensor_bytes
 from qformat.io.safetensors_format import SHARD_METADATA, layout_file
 from qformat.io.source import SourceCheckpoint, TensorReader
 from qformat.io.writer import ShardWriter
@@ -98,29 +102,12 @@ def _write_shards(plan: ImportPlan, ckpt: SourceCheckpoint, reader: TensorReader
                 reader.release(t)
             for m in modules:
                 for name, value in _module_data(m, ckpt, reader).items():
-                    entry = writer.layout.entries[name]
-                    got = (value.nbytes if isinstance(value, memoryview) else value.numel() * value.element_size())
-                    if got != entry.nbytes or (not isinstance(value, memoryview)
-                                               and SAFETENSORS_CODES[value.dtype] != entry.dtype):
-                        raise FormatError(f"{name} does not have the shape qformat stores it with "
-                                          f"({entry.dtype} {list(entry.shape)}); the source is inconsistent")
-                    sink = writer.sink(name)
-                    sink.write(value if isinstance(value, memoryview) else tensor_bytes(value))
-                    hashes[name] = sink.finish()
+                    write_checked(writer, name, value, hashes)
             writer.close(sync=True)
         finally:
             writer.abort()
         weight_map.update(dict.fromkeys((s.name for s in specs), file))
     return hashes, weight_map
-
-
-def _parameters(plan: ImportPlan, ckpt: SourceCheckpoint) -> int:
-    replaced = {name for m in plan.modules.values() for name in m.source_tensors}
-    total = sum(m.out_features * m.in_features for m in plan.modules.values())
-    for t in ckpt.tensors.values():
-        if t.name not in replaced:
-            total += math.prod(t.shape)
-    return total
 
 
 def _qformat_config(plan: ImportPlan, ckpt: SourceCheckpoint, repo_id: str | None, revision: str | None,
@@ -130,7 +117,7 @@ def _qformat_config(plan: ImportPlan, ckpt: SourceCheckpoint, repo_id: str | Non
     default = counts.most_common(1)[0][0]
     schemes = {scheme_name_for(p.scheme): p.scheme for p in plan.modules.values()}
     provenance = import_provenance(ckpt, repo_id=repo_id, revision=revision, base_model=base_model,
-                                   parameters=_parameters(plan, ckpt), imported_from=plan.record, hashes=hashes)
+                                   parameters=import_parameters(plan.modules.values(), ckpt), imported_from=plan.record, hashes=hashes)
     statistics = import_statistics(len(plan.structure.linears), names, nbytes)
     config = CheckpointConfig(schemes=schemes, default_scheme=default,
                            overrides=tuple((m, n) for m, n in names.items() if n != default),

@@ -4,23 +4,28 @@ place. The format-specific importers (compressed-tensors, bitsandbytes) plan and
 
 from __future__ import annotations
 
+import math
 import shlex
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
+
+import torch
 
 from qformat._version import __version__
 from qformat.errors import FormatError
+from qformat.io.dtypes import SAFETENSORS_CODES, tensor_bytes
 from qformat.io.atomic import atomic_output_dir
 from qformat.io.index import write_weight_index
 from qformat.io.source import SourceCheckpoint
 from qformat.io.support_files import copy_support_files
-from qformat.io.writer import write_json
+from qformat.io.writer import ShardWriter, write_json
 from qformat.plan.record import environment
 from qformat.spec.config import CheckpointConfig
 
-__all__ = ["ImportResult", "import_provenance", "import_statistics", "write_imported"]
+__all__ = ["ImportResult", "import_parameters", "import_provenance", "import_statistics", "write_checked",
+           "write_imported"]
 
 
 @dataclass(frozen=True)
@@ -33,6 +38,39 @@ class ImportResult:
     schemes: dict[str, int]  # scheme name -> modules
     sparse_modules: list[str]  # modules stored 2:4 compressed
     checkpoint_bytes: int
+
+
+class ImportedModule(Protocol):
+    """What `import_parameters` needs of a planned module."""
+
+    out_features: int
+    in_features: int
+
+    @property
+    def source_tensors(self) -> tuple[str, ...]: ...
+
+
+def import_parameters(modules: Iterable[ImportedModule], ckpt: SourceCheckpoint) -> int:
+    """The model's parameter count: each imported module's weight as its full shape, plus every tensor the import
+    does not replace."""
+    modules = list(modules)
+    replaced = {name for m in modules for name in m.source_tensors}
+    total = sum(m.out_features * m.in_features for m in modules)
+    return total + sum(math.prod(t.shape) for t in ckpt.tensors.values() if t.name not in replaced)
+
+
+def write_checked(writer: ShardWriter, name: str, value: torch.Tensor | memoryview, hashes: dict[str, str]) -> None:
+    """Write one planned tensor (bytes kept as read, or a tensor), refusing one whose size or dtype is not what the
+    layout planned for it: the source contradicts its own headers."""
+    entry = writer.layout.entries[name]
+    raw = isinstance(value, memoryview)
+    got = value.nbytes if raw else value.numel() * value.element_size()
+    if got != entry.nbytes or (not raw and SAFETENSORS_CODES[value.dtype] != entry.dtype):
+        raise FormatError(f"{name} does not have the shape qformat stores it with ({entry.dtype} "
+                          f"{list(entry.shape)}); the source is inconsistent")
+    sink = writer.sink(name)
+    sink.write(value if raw else tensor_bytes(value))
+    hashes[name] = sink.finish()
 
 
 def import_provenance(ckpt: SourceCheckpoint, *, repo_id: str | None, revision: str | None,

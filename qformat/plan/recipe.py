@@ -51,36 +51,19 @@ def _overrides(value: Any) -> tuple[tuple[str, str], ...]:
     return tuple((p, s) for p, s in items)
 
 
-def _budget(value: Any) -> FallbackBudget | None:
-    """None/False: no search; True: the default budget; a dict of `FallbackBudget` fields; or a `FallbackBudget`."""
+def _options(value: Any, kind: type, what: str, where: str) -> Any:
+    """An options dataclass given as None/False (off), True (its defaults), a dict of its fields or an instance."""
     if value is None or value is False:
         return None
     if value is True:
-        return FallbackBudget()
+        return kind()
     if isinstance(value, dict):
         try:
-            return FallbackBudget(**value)
+            return kind(**value)
         except TypeError as exc:
-            raise OptionError(f"auto_fallback: {exc}; see qformat.search.FallbackBudget for its fields") from None
-    if not isinstance(value, FallbackBudget):
-        raise OptionError(f"auto_fallback must be True, a dict or a FallbackBudget, not {type(value).__name__}")
-    return value
-
-
-def _smoothquant(value: Any) -> SmoothQuant | None:
-    """None/False: no smoothing; True: alpha 0.5 on the built-in calibration text; a dict of `SmoothQuant` fields;
-    or a `SmoothQuant`."""
-    if value is None or value is False:
-        return None
-    if value is True:
-        return SmoothQuant()
-    if isinstance(value, dict):
-        try:
-            return SmoothQuant(**value)
-        except TypeError as exc:
-            raise OptionError(f"smoothquant: {exc}; see qformat.smooth.SmoothQuant for its fields") from None
-    if not isinstance(value, SmoothQuant):
-        raise OptionError(f"smoothquant must be True, a dict or a SmoothQuant, not {type(value).__name__}")
+            raise OptionError(f"{what}: {exc}; see {where} for its fields") from None
+    if not isinstance(value, kind):
+        raise OptionError(f"{what} must be True, a dict or a {kind.__name__}, not {type(value).__name__}")
     return value
 
 
@@ -143,9 +126,11 @@ class QuantRecipe:
         object.__setattr__(self, "ignore", tuple(self.ignore))
         object.__setattr__(self, "overrides", _overrides(self.overrides))
         object.__setattr__(self, "dtype", _dtype_name(self.dtype))
-        object.__setattr__(self, "auto_fallback", _budget(self.auto_fallback))
+        object.__setattr__(self, "auto_fallback", _options(self.auto_fallback, FallbackBudget, "auto_fallback",
+                                                           "qformat.search.FallbackBudget"))
         object.__setattr__(self, "outlier_threshold", _threshold(self.outlier_threshold))
-        object.__setattr__(self, "smoothquant", _smoothquant(self.smoothquant))
+        object.__setattr__(self, "smoothquant", _options(self.smoothquant, SmoothQuant, "smoothquant",
+                                                         "qformat.smooth.SmoothQuant"))
         if self.sparsity not in (None, SPARSITY_2_4):
             raise OptionError(f"sparsity must be '2:4', not {self.sparsity!r}")
         if self.observer is not None and self.observer not in OBSERVERS:
