@@ -110,7 +110,8 @@ def _qformat_config(plan: BnbPlan, ckpt: SourceCheckpoint, repo_id: str | None, 
                     base_model: str | None, hashes: dict[str, str], nbytes: int) -> CheckpointConfig:
     name = scheme_name_for(SCHEME)
     provenance = import_provenance(ckpt, repo_id=repo_id, revision=revision, base_model=base_model,
-                                   parameters=import_parameters(plan.modules.values(), ckpt), imported_from=plan.record, hashes=hashes)
+                                   parameters=import_parameters(plan.modules.values(), ckpt),
+                                   imported_from=plan.record, hashes=hashes)
     statistics = import_statistics(len(plan.structure.linears), dict.fromkeys(plan.modules, name), nbytes)
     config = CheckpointConfig(schemes={name: SCHEME}, default_scheme=name, overrides=(), fallback=plan.fallback,
                               fused_groups=fused_groups_for(plan.structure.model_type), provenance=provenance,

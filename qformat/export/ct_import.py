@@ -117,7 +117,8 @@ def _qformat_config(plan: ImportPlan, ckpt: SourceCheckpoint, repo_id: str | Non
     default = counts.most_common(1)[0][0]
     schemes = {scheme_name_for(p.scheme): p.scheme for p in plan.modules.values()}
     provenance = import_provenance(ckpt, repo_id=repo_id, revision=revision, base_model=base_model,
-                                   parameters=import_parameters(plan.modules.values(), ckpt), imported_from=plan.record, hashes=hashes)
+                                   parameters=import_parameters(plan.modules.values(), ckpt),
+                                   imported_from=plan.record, hashes=hashes)
     statistics = import_statistics(len(plan.structure.linears), names, nbytes)
     config = CheckpointConfig(schemes=schemes, default_scheme=default,
                            overrides=tuple((m, n) for m, n in names.items() if n != default),
