@@ -212,18 +212,20 @@ def _fallback_rows(f: CardFacts) -> list[dict[str, str]]:
     return rows
 
 
-def export_commands(repo_id: str) -> str:
+def export_commands(repo_id: str, *, drop_outlier_threshold: bool = False) -> str:
     """The commands that turn this checkpoint into a vLLM one: `qformat export` takes a local folder, so a Hub repo
-    is downloaded first (with huggingface_hub's `hf` command)."""
+    is downloaded first (with huggingface_hub's `hf` command). A checkpoint with an outlier threshold exports only
+    with `--drop-outlier-threshold` (vLLM then runs plain W8A8)."""
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
+    flags = " --to vllm" + (" --drop-outlier-threshold" if drop_outlier_threshold else "")
     try:
         validate_repo_id(repo_id)
     except HFValidationError:  # a local path (the placeholder is one)
         local = shlex.quote(repo_id)
-        return f"qformat export {local} OUTPUT --to vllm\nvllm serve OUTPUT"
+        return f"qformat export {local} OUTPUT{flags}\nvllm serve OUTPUT"
     name = repo_id.split("/")[-1]
-    return (f"hf download {repo_id} --local-dir {name}\nqformat export {name} {name}-vllm --to vllm\n"
+    return (f"hf download {repo_id} --local-dir {name}\nqformat export {name} {name}-vllm{flags}\n"
             f"vllm serve {name}-vllm")
 
 
@@ -268,7 +270,7 @@ def render_card(folder: str | Path, *, repo_id: str | None = None) -> str:
                            f"or past the first {MAX_RESULTS})." if hidden else ""),
         evaluation_commands=_evaluation_commands(f),
         repo_id=repo,
-        export_commands=export_commands(repo),
+        export_commands=export_commands(repo, drop_outlier_threshold=f.outlier_threshold is not None),
         kernel_words=weight_words(f),
         environment="".join(f", {text(name)} {text(version)}" for name, version in f.environment.items()),
         limitations=_limitations(f),

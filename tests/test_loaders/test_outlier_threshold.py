@@ -143,6 +143,15 @@ def test_export_refuses_unless_the_threshold_is_dropped(checkpoints, tmp_path):
     assert note["outlier_threshold_dropped"] == 6.0
 
 
+def test_the_card_says_what_vllm_will_run(checkpoints):
+    from qformat.cards.render import render_card
+
+    card = render_card(checkpoints["t6"])
+    assert "LLM.int8() outlier decomposition at threshold 6" in card
+    assert "--to vllm --drop-outlier-threshold" in card and "as plain W8A8" in card
+    assert "--drop-outlier-threshold" not in render_card(checkpoints["plain"])
+
+
 @pytest.mark.parametrize("args, match", [
     (["--scheme", "fp8-dynamic", "--outlier-threshold", "6"], "applies to int8 W8A8"),
     (["--outlier-threshold", "0"], "positive finite"),
