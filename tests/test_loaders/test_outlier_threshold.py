@@ -168,3 +168,21 @@ def test_bad_thresholds_are_one_line(planted, tmp_path, args, match):
 def test_bad_load_time_thresholds(value):
     with pytest.raises(OptionError, match="outlier_threshold"):
         qformat.QFormatConfig(outlier_threshold=value)
+
+
+def test_a_2_4_module_decomposes_against_its_dense_values(planted, tmp_path):
+    from qformat.kernels import int8_outlier_reference
+
+    out = qformat.convert(planted, tmp_path / "sparse", scheme="w8a8-int8", sparsity="2:4",
+                          outlier_threshold=6.0).output
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    layer = model.model.layers[0]
+    q_proj = layer.self_attn.q_proj
+    assert q_proj.scheme.sparsity == "2:4" and q_proj.outlier_threshold == 6.0
+    with torch.no_grad():
+        x = layer.input_layernorm(model.model.embed_tokens(IDS))[0]
+        with trace_paths() as log:
+            y = q_proj(x)
+    assert log[0] == ("int8_outlier", "cpu")
+    want = int8_outlier_reference(x, q_proj.quantized_weight(), q_proj.weight_scale, None, 6.0)
+    assert float((y - want).abs().max() / want.abs().max()) < 2e-6
