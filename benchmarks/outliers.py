@@ -52,8 +52,9 @@ from qformat.search.units import units_of  # noqa: E402
 from qformat.search.variants import QuantizedVariants  # noqa: E402
 
 HEADER = ("| model | variant | perplexity (held-out) | change vs fp32 | KL to fp32 (nats/token) | Linear kept "
-          "| outlier columns (ppl / decode) | prefill-128 ms | decode ms/token | speed vs plain W8A8 (prefill / decode) "
-          "| speed vs bf16 (prefill / decode) |\n|---|---|---|---|---|---|---|---|---|---|---|")
+          "| outlier columns (ppl / decode) | prefill-128 ms | decode ms/token "
+          "| speed vs plain W8A8 (prefill / decode) | speed vs bf16 (prefill / decode) |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 class OutlierCounter:

@@ -170,8 +170,10 @@ def test_the_card_names_the_outlier_threshold(outlier_llama, tmp_path):
     from qformat.cards.render import render_card
 
     out = qformat.convert(outlier_llama, tmp_path / "int8", scheme="w8a8-int8", outlier_threshold=6.0).output
-    lines = [line for line in render_card(out).splitlines() if "LLM.int8()" in line]
+    card = render_card(out)
+    lines = [line for line in card.splitlines() if "LLM.int8() outlier decomposition" in line]
     assert len(lines) == 1 and "threshold 6:" in lines[0] and "|x| >= 6 are multiplied in float32" in lines[0]
+    assert "--outlier-threshold 6" in card  # the reproduce command
     assert not any("LLM.int8()" in line for line in render_card(qformat.convert(
         outlier_llama, tmp_path / "plain", scheme="w8a8-int8").output).splitlines())
 
