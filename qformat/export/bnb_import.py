@@ -35,7 +35,7 @@ from qformat.export.imported import (
     ImportResult,
     import_parameters,
     import_provenance,
-    import_statistics,
+    imported_config,
     write_checked,
     write_imported,
 )
@@ -45,7 +45,6 @@ from qformat.io.source import SourceCheckpoint, TensorReader
 from qformat.io.writer import ShardWriter
 from qformat.quantize.observers import MIN_SCALE
 from qformat.spec.config import CheckpointConfig
-from qformat.spec.fused import fused_groups_for
 from qformat.spec.layout import TensorSpec, module_tensors
 from qformat.spec.schemes import scheme_name_for
 
@@ -108,17 +107,11 @@ def _write_shards(plan: BnbPlan, ckpt: SourceCheckpoint, reader: TensorReader,
 
 def _qformat_config(plan: BnbPlan, ckpt: SourceCheckpoint, repo_id: str | None, revision: str | None,
                     base_model: str | None, hashes: dict[str, str], nbytes: int) -> CheckpointConfig:
-    name = scheme_name_for(SCHEME)
     provenance = import_provenance(ckpt, repo_id=repo_id, revision=revision, base_model=base_model,
                                    parameters=import_parameters(plan.modules.values(), ckpt),
                                    imported_from=plan.record, hashes=hashes)
-    statistics = import_statistics(len(plan.structure.linears), dict.fromkeys(plan.modules, name), nbytes)
-    config = CheckpointConfig(schemes={name: SCHEME}, default_scheme=name, overrides=(), fallback=plan.fallback,
-                              fused_groups=fused_groups_for(plan.structure.model_type), provenance=provenance,
-                              statistics=statistics, outlier_threshold=plan.outlier_threshold)
-    for module in plan.modules:  # the config must say exactly what the plan decided
-        assert config.scheme_for(module) == (name, SCHEME), module
-    return config
+    return imported_config(dict.fromkeys(plan.modules, SCHEME), structure=plan.structure, fallback=plan.fallback,
+                           provenance=provenance, nbytes=nbytes, outlier_threshold=plan.outlier_threshold)
 
 
 def import_bitsandbytes(source: str | os.PathLike[str], output: str | os.PathLike[str], *,

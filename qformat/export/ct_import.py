@@ -26,7 +26,7 @@ from qformat.export.imported import (
     ImportResult,
     import_parameters,
     import_provenance,
-    import_statistics,
+    imported_config,
     write_checked,
     write_imported,
 )
@@ -36,7 +36,6 @@ from qformat.io.source import SourceCheckpoint, TensorReader
 from qformat.io.writer import ShardWriter
 from qformat.quantize.sparse24 import compress_2_4, decompress_2_4
 from qformat.spec.config import CheckpointConfig
-from qformat.spec.fused import fused_groups_for
 from qformat.spec.layout import TensorSpec, module_tensors
 from qformat.spec.schemes import scheme_name_for
 
@@ -112,21 +111,11 @@ def _write_shards(plan: ImportPlan, ckpt: SourceCheckpoint, reader: TensorReader
 
 def _qformat_config(plan: ImportPlan, ckpt: SourceCheckpoint, repo_id: str | None, revision: str | None,
                     base_model: str | None, hashes: dict[str, str], nbytes: int) -> CheckpointConfig:
-    names = {m: scheme_name_for(p.scheme) for m, p in plan.modules.items()}
-    counts = Counter(names.values())
-    default = counts.most_common(1)[0][0]
-    schemes = {scheme_name_for(p.scheme): p.scheme for p in plan.modules.values()}
     provenance = import_provenance(ckpt, repo_id=repo_id, revision=revision, base_model=base_model,
                                    parameters=import_parameters(plan.modules.values(), ckpt),
                                    imported_from=plan.record, hashes=hashes)
-    statistics = import_statistics(len(plan.structure.linears), names, nbytes)
-    config = CheckpointConfig(schemes=schemes, default_scheme=default,
-                           overrides=tuple((m, n) for m, n in names.items() if n != default),
-                           fallback=plan.fallback, fused_groups=fused_groups_for(plan.structure.model_type),
-                           provenance=provenance, statistics=statistics)
-    for module, name in names.items():  # the config must say exactly what the plan decided
-        assert config.scheme_for(module) == (name, plan.modules[module].scheme), module
-    return config
+    return imported_config({m: p.scheme for m, p in plan.modules.items()}, structure=plan.structure,
+                           fallback=plan.fallback, provenance=provenance, nbytes=nbytes)
 
 
 def import_compressed_tensors(source: str | os.PathLike[str], output: str | os.PathLike[str], *,

@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import math
 import shlex
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
@@ -22,10 +23,15 @@ from qformat.io.source import SourceCheckpoint
 from qformat.io.support_files import copy_support_files
 from qformat.io.writer import ShardWriter, write_json
 from qformat.plan.record import environment
-from qformat.spec.config import CheckpointConfig
+from qformat.spec.config import CheckpointConfig, FallbackEntry
+from qformat.spec.fused import fused_groups_for
+from qformat.spec.schemes import Scheme, scheme_name_for
 
-__all__ = ["ImportResult", "import_parameters", "import_provenance", "import_statistics", "write_checked",
-           "write_imported"]
+if TYPE_CHECKING:
+    from qformat.models.structure import ModelStructure
+
+__all__ = ["ImportResult", "import_parameters", "import_provenance", "import_statistics", "imported_config",
+           "write_checked", "write_imported"]
 
 
 @dataclass(frozen=True)
@@ -100,6 +106,23 @@ def import_statistics(linear_modules: int, schemes: Mapping[str, str], nbytes: i
     unknown: the full-precision weights were never in the source."""
     return {"linear_modules": linear_modules, "quantized_modules": len(schemes), "checkpoint_bytes": nbytes,
             "modules": {m: {"scheme": name, "observer": None, "rel_error": None} for m, name in schemes.items()}}
+
+
+def imported_config(schemes: Mapping[str, Scheme], *, structure: ModelStructure,
+                    fallback: Iterable[FallbackEntry], provenance: dict[str, Any], nbytes: int,
+                    outlier_threshold: float | None = None) -> CheckpointConfig:
+    """`quantization_config` of an imported checkpoint whose quantized modules carry `schemes` (module -> scheme):
+    the most common scheme is the default, every other module an override; checked to say exactly that."""
+    names = {m: scheme_name_for(scheme) for m, scheme in schemes.items()}
+    default = Counter(names.values()).most_common(1)[0][0]
+    config = CheckpointConfig(
+        schemes={scheme_name_for(scheme): scheme for scheme in schemes.values()}, default_scheme=default,
+        overrides=tuple((m, n) for m, n in names.items() if n != default), fallback=tuple(fallback),
+        fused_groups=fused_groups_for(structure.model_type), provenance=provenance,
+        statistics=import_statistics(len(structure.linears), names, nbytes), outlier_threshold=outlier_threshold)
+    for module, name in names.items():  # the config must say exactly what the import decided
+        assert config.scheme_for(module) == (name, schemes[module]), module
+    return config
 
 
 def write_imported(source: Path, ckpt: SourceCheckpoint, out: Path, *, overwrite: bool, config: Mapping[str, Any],

@@ -22,7 +22,6 @@ import torch
 from torch import nn
 
 from qformat.eval.tasks import Task
-from qformat.search.units import Unit
 from qformat.search.variants import QuantizedVariants
 
 __all__ = ["fisher_sensitivity"]

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 import qformat
 from qformat.cli.main import cli
-from qformat.errors import FormatError, OptionError
+from qformat.errors import OptionError
 from qformat.eval import builtin_text, load_text, loss_of, metric, result_record
 from qformat.eval.metrics import rouge_l, spearman
 from qformat.testing.tiny_models import save_byte_tokenizer, save_tiny_model
