@@ -42,7 +42,9 @@ __all__ = [
     "UnsupportedModelError",
     "WriteError",
     "__version__",
+    "DistillOptions",
     "convert",
+    "distill",
     "evaluate",
     "export_compressed_tensors",
     "import_bitsandbytes",
@@ -59,6 +61,10 @@ def __getattr__(name: str):  # lazy: keep `import qformat` free of torch until a
         from qformat.converter import convert
 
         return convert
+    if name in ("distill", "DistillOptions"):
+        import qformat.train
+
+        return getattr(qformat.train, name)
     if name == "evaluate":
         from qformat.eval import evaluate
 

@@ -6,6 +6,8 @@ have, and the same checkpoint always gives the same card (no dates, no local pat
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +22,8 @@ from qformat.spec.config import FallbackEntry
 from qformat.spec.layout import FULL_PRECISION_DTYPES, QUANTIZED_MARKER
 from qformat.spec.schemes import Scheme
 
-__all__ = ["CardFacts", "SizeBreakdown", "SmoothingFacts", "parse_smoothing", "SourceCard", "card_facts",
+__all__ = ["CardFacts", "DistillationFacts", "SizeBreakdown", "SmoothingFacts", "parse_distillation",
+           "parse_smoothing", "SourceCard", "card_facts",
            "size_breakdown", "original_start", "split_source_card", "ORIGINAL_START", "ORIGINAL_END", "MARKER"]
 
 #: First line of every generated card body; `qformat card` recognises its own cards by it.
@@ -121,6 +124,67 @@ def parse_smoothing(record: Any) -> SmoothingFacts | None:
 
 
 @dataclass(frozen=True)
+class DistillationFacts:
+    """What a card says about `qformat distill`, from `provenance.distillation`: the training run (steps, global
+    batch, learning rate, noise rate, loss weights), the data's identity, the final losses and, where the run
+    measured them, the metric before (plain quantization) and after training, with the source's value."""
+
+    steps: int
+    batch: int | None
+    lr: float | None
+    noise_rate: float | None
+    loss_weights: dict[str, float]
+    data: str | None
+    data_sha256: str | None
+    tokens: int | None
+    final_losses: dict[str, float]
+    metric: str | None = None
+    source_value: float | None = None
+    before: float | None = None
+    after: float | None = None
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) \
+        and math.isfinite(value) else None
+
+
+def _numbers(value: Any) -> dict[str, float]:
+    if not isinstance(value, dict):
+        return {}
+    return {str(k): v for k, v in ((k, _number(v)) for k, v in value.items()) if v is not None and len(str(k)) < 40}
+
+
+def parse_distillation(record: Any) -> DistillationFacts | None:
+    """The card's distillation facts, or None where there is no readable record (a stranger's value is shown only
+    where it has the expected type)."""
+    if not isinstance(record, dict) or not isinstance(record.get("steps"), int) or isinstance(record["steps"], bool):
+        return None
+    options = record.get("options") if isinstance(record.get("options"), dict) else {}
+    data = record.get("data") if isinstance(record.get("data"), dict) else {}
+    tokens = data.get("tokens")
+    facts = DistillationFacts(
+        steps=record["steps"], batch=int(b) if (b := _number(record.get("global_batch"))) is not None else None,
+        lr=_number(options.get("lr")), noise_rate=_number(options.get("noise_rate")),
+        loss_weights=_numbers(options.get("loss_weights")),
+        data=data.get("dataset") if isinstance(data.get("dataset"), str) else None,
+        data_sha256=data.get("text_sha256") if isinstance(data.get("text_sha256"), str) else None,
+        tokens=tokens if isinstance(tokens, int) and not isinstance(tokens, bool) else None,
+        final_losses=_numbers(record.get("final_losses")))
+    evaluation = record.get("evaluation")
+    if isinstance(evaluation, dict) and isinstance(evaluation.get("metric"), str):
+        metric = evaluation["metric"]
+
+        def value(key: str) -> float | None:
+            part = evaluation.get(key)
+            return _number(part.get(metric)) if isinstance(part, dict) else None
+
+        facts = dataclasses.replace(facts, metric=metric, source_value=value("source"), before=value("before"),
+                                    after=value("after"))
+    return facts
+
+
+@dataclass(frozen=True)
 class CardFacts:
     """The facts a card states, all derived from the checkpoint."""
 
@@ -156,6 +220,7 @@ class CardFacts:
     evaluation_hidden: int = 0  # recorded results not shown: unreadable, or past records.MAX_RESULTS
     fallback_search: FallbackSearch | None = None
     smoothquant: SmoothingFacts | None = None
+    distillation: DistillationFacts | None = None
     outlier_threshold: float | None = None  # LLM.int8() decomposition of the int8 W8A8 modules (format version 2)
 
     @property
@@ -284,5 +349,6 @@ def card_facts(folder: str | Path) -> CardFacts:
         evaluation_hidden=hidden,
         fallback_search=parse_fallback_search(qc.fallback_search),
         smoothquant=parse_smoothing(qc.provenance.get("smoothquant")),
+        distillation=parse_distillation(qc.provenance.get("distillation")),
         outlier_threshold=qc.outlier_threshold,
     )

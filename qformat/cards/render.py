@@ -134,6 +134,8 @@ def _optimizations(f: CardFacts) -> list[str]:
                  if f.sparse else "no sparsity")
     if f.smoothquant is not None:
         lines.append(_smoothing_line(f))
+    if f.distillation is not None:
+        lines.append(_distillation_line(f))
     if f.outlier_threshold is not None:
         t = f"{f.outlier_threshold:g}"
         lines.append(f"LLM.int8() outlier decomposition at threshold {t}: input columns where a token reaches "
@@ -156,6 +158,35 @@ def _smoothing_line(f: CardFacts) -> str:
             f"{total} Linear inputs smoothed, {sq.skipped} left alone where the fold is not exact (reasons in "
             f"`provenance.smoothquant`); {calibrated}; the model's full-precision outputs are unchanged up to "
             "rounding (norm weights stored below float32 are rounded after folding)")
+
+
+def _distillation_line(f: CardFacts) -> str:
+    """The distillation line: the run, the data's identity, the final losses and the measured before/after."""
+    d = f.distillation
+    assert d is not None
+    run = [f"{d.steps} steps"]
+    if d.batch is not None:
+        run.append(f"{d.batch} sequences per step")
+    if d.lr is not None:
+        run.append(f"lr {d.lr:g}")
+    if d.noise_rate is not None:
+        run.append(f"noise rate {d.noise_rate:g}")
+    if d.loss_weights:
+        run.append("loss weights " + ", ".join(f"{text(k)} {v:g}" for k, v in d.loss_weights.items()))
+    data = ""
+    if d.data is not None:
+        sha = f", sha256 {code(d.data_sha256[:12])}" if d.data_sha256 else ""
+        tokens = f", {d.tokens} tokens" if d.tokens is not None else ""
+        data = f" on {code(d.data)}{sha}{tokens}"
+    losses = ", ".join(f"{text(k)} {v:.4g}" for k, v in d.final_losses.items())
+    line = (f"quantization-aware training by self-distillation (SDQ: the full-precision model teaches its quantized "
+            f"copy through its outputs and self-attention outputs, with quantization noise){data}: "
+            f"{', '.join(run)}; final losses {losses or 'not recorded'} (`provenance.distillation`)")
+    if d.metric is not None and d.before is not None and d.after is not None:
+        source = f"source {d.source_value:.5g}, " if d.source_value is not None else ""
+        line += (f"; {text(d.metric)} measured at the end of the run: {source}quantized without training "
+                 f"{d.before:.5g}, distilled {d.after:.5g}")
+    return line
 
 
 def summary(f: CardFacts) -> list[str]:

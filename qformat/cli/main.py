@@ -9,6 +9,7 @@ import click
 from qformat._version import __version__
 from qformat.cli.card import card_command
 from qformat.cli.convert import convert_command
+from qformat.cli.distill import distill_command
 from qformat.cli.evaluate import eval_command
 from qformat.cli.export import export_command
 from qformat.cli.import_ import import_command
@@ -23,11 +24,12 @@ __all__ = ["cli", "main"]
 @click.version_option(__version__, prog_name="qformat")
 @click.option("-v", "--verbose", is_flag=True, help="Log what qformat does (to stderr).")
 def cli(verbose: bool) -> None:
-    """Quantized Hugging Face checkpoints: convert, eval, inspect, verify, card, push, export, import."""
+    """Quantized Hugging Face checkpoints: convert, distill, eval, inspect, verify, card, push, export, import."""
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="qformat: %(message)s")
 
 
 cli.add_command(convert_command)
+cli.add_command(distill_command)
 cli.add_command(eval_command)
 cli.add_command(inspect_command)
 cli.add_command(verify_command)

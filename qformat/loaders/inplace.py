@@ -134,12 +134,14 @@ def quantize_(model: nn.Module, config: QFormatConfig | QuantRecipe | None = Non
 
 
 @torch.no_grad()
-def apply_recipe(model: nn.Module, recipe: QuantRecipe, *, tokenizer: Any = None,
-                 progress: bool = False) -> QuantizeResult:
+def apply_recipe(model: nn.Module, recipe: QuantRecipe, *, tokenizer: Any = None, progress: bool = False,
+                 source: dict[str, Any] | None = None, **record: Any) -> QuantizeResult:
     """`quantize_` without its checks and without attaching the config to the model: smooth (if the recipe asks
     for SmoothQuant), plan (after the fallback search, if the recipe asks for one), quantize each planned module in
     place, build the checkpoint config. `from_pretrained` with a recipe that calibrates (`QuantRecipe.calibrates`)
-    uses it after loading the full-precision model."""
+    uses it after loading the full-precision model. `source` replaces the `provenance.source` read from the model;
+    `record` goes to `finished_config` (`qformat distill` passes its `distillation` record, command and
+    evaluation)."""
     structure = structure_of(model)
     if recipe.calibrates:
         tokenizer = _tokenizer(model, tokenizer, "smoothquant" if recipe.auto_fallback is None else "auto_fallback")
@@ -163,5 +165,6 @@ def apply_recipe(model: nn.Module, recipe: QuantRecipe, *, tokenizer: Any = None
         del stored, linear
     if recipe.dtype != AUTO_DTYPE:
         model.to(getattr(torch, recipe.dtype))
-    result = finished_config(model, plan, recipe, source_record(model), errors, search, smoothing)
+    result = finished_config(model, plan, recipe, source or source_record(model), errors, search, smoothing,
+                             **record)
     return QuantizeResult({d.module.name: d.scheme_name or "" for d in plan.quantized}, plan.fallback, result)

@@ -55,15 +55,20 @@ def _saved_bytes(model: nn.Module) -> int:
 
 
 def finished_config(model: nn.Module, plan: ConversionPlan, recipe: QuantRecipe, source: dict[str, Any],
-                    errors: dict[str, ModuleError], search: Any = None, smoothing: Any = None) -> QFormatConfig:
+                    errors: dict[str, ModuleError], search: Any = None, smoothing: Any = None,
+                    distillation: dict[str, Any] | None = None, command: str | None = None,
+                    evaluation: list[dict[str, Any]] | None = None) -> QFormatConfig:
     """The checkpoint config of `model` after `plan` was applied: the rules, provenance (source, recipe, equivalent
     command; tensor hashes are filled in when it is saved; SmoothQuant's record when `smoothing`, a
-    `qformat.smooth.SmoothingRecord`, is given), statistics, and a fallback search's records (`search`, a
+    `qformat.smooth.SmoothingRecord`, is given; `distillation`, the record of `qformat distill`, which also gives
+    its own `command` and `evaluation`), statistics, and a fallback search's records (`search`, a
     `qformat.search.fallback.SearchOutcome`) when one ran."""
     label = source.get("repo_id") or "SOURCE"
-    block = checkpoint_block(plan, recipe, source=source, command=recipe.command(label), errors=errors,
-                             checkpoint_bytes=_saved_bytes(model),
-                             evaluation=search.evaluation if search is not None else None,
+    if search is not None:
+        evaluation = search.evaluation
+    block = checkpoint_block(plan, recipe, source=source, command=command or recipe.command(label), errors=errors,
+                             checkpoint_bytes=_saved_bytes(model), evaluation=evaluation,
                              fallback_search=search.record if search is not None else None,
-                             smoothing=smoothing.to_dict() if smoothing is not None else None)
+                             smoothing=smoothing.to_dict() if smoothing is not None else None,
+                             distillation=distillation)
     return QFormatConfig.from_checkpoint(block)

@@ -78,10 +78,12 @@ def checkpoint_block(plan: ConversionPlan, recipe: QuantRecipe, *, source: dict[
                      tensor_hashes: Mapping[str, str] | None = None,
                      evaluation: list[dict[str, Any]] | None = None,
                      fallback_search: dict[str, Any] | None = None,
-                     smoothing: dict[str, Any] | None = None) -> dict[str, Any]:
+                     smoothing: dict[str, Any] | None = None,
+                     distillation: dict[str, Any] | None = None) -> dict[str, Any]:
     """The whole `quantization_config` dict: rules from `plan`, the recipe's `outlier_threshold`, `provenance`
     (qformat version, environment, `source`, the recipe and an equivalent command, tensor hashes, and the
-    `smoothquant` record when SmoothQuant ran: `smoothing`), `statistics`, and the `evaluation` and
+    `smoothquant` record when SmoothQuant ran: `smoothing`; the `distillation` record of `qformat distill`),
+    `statistics`, and the `evaluation` and
     `fallback_search` records of an accuracy-driven search (`qformat.search`) when one ran."""
     provenance = {
         "qformat_version": __version__,
@@ -91,6 +93,7 @@ def checkpoint_block(plan: ConversionPlan, recipe: QuantRecipe, *, source: dict[
         "command": command,
         "tensor_hashes": dict(sorted((tensor_hashes or {}).items())),
         **({"smoothquant": smoothing} if smoothing is not None else {}),
+        **({"distillation": distillation} if distillation is not None else {}),
     }
     statistics = module_statistics(plan, errors, checkpoint_bytes)
     return plan.config(provenance=provenance, statistics=statistics, evaluation=evaluation or None,

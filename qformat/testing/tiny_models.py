@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 __all__ = ["OUTLIER_CHANNELS", "TINY_ARCHITECTURES", "build_tiny_model", "plant_outlier_features", "save_byte_tokenizer",
-           "save_fragile_llama", "save_outlier_llama", "save_random_llama", "save_tiny_model"]
+           "save_fragile_llama", "save_outlier_llama", "save_peaked_llama", "save_random_llama", "save_tiny_model"]
 
 
 def _llama():
@@ -239,4 +239,18 @@ def save_outlier_llama(folder: Path, *, channels: tuple[int, ...] = OUTLIER_CHAN
     with torch.no_grad():
         model.lm_head.weight *= 5
     model.save_pretrained(folder)
+    return save_byte_tokenizer(folder)
+
+
+def save_peaked_llama(folder: Path, *, seed: int = 0) -> Path:
+    """The tiny Llama shape with weights drawn 7.5x wider than transformers' default (initializer_range 0.15), and a
+    byte tokenizer: its next-token distributions are far from uniform, so quantization error shows in the KL from
+    it (the default tiny model's outputs are nearly uniform, and every quantized copy of it agrees with it)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    LlamaForCausalLM(LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=256, max_position_embeddings=128, tie_word_embeddings=False, initializer_range=0.15,
+    )).save_pretrained(folder)
     return save_byte_tokenizer(folder)
