@@ -36,16 +36,18 @@ Examples:
                    "text, and record them. Use text the training did not read.")
 @click.option("--eval-tokens", default=8192, show_default=True, type=int, metavar="N", help="Tokens of --eval-text.")
 @click.option("--steps", default=None, type=int, metavar="N", help="Training steps [default: 200].")
-@click.option("--lr", default=None, type=float, help="Peak learning rate of AdamW [default: 2e-5].")
+@click.option("--lr", default=None, type=float, help="Peak learning rate of AdamW [default: 1e-5].")
 @click.option("--batch-size", default=None, type=int, metavar="N",
               help="Sequences per step, over all processes [default: 4].")
 @click.option("--seq-len", default=None, type=int, metavar="N", help="Tokens per sequence [default: 256].")
 @click.option("--noise-rate", default=None, type=float, metavar="P",
               help="Share of weight blocks quantized per step (Quant-Noise); 1 = every weight (plain QAT) "
                    "[default: 0.5].")
-@click.option("--noise-block", default=None, type=int, metavar="N", help="Input columns per noise block [default: 8].")
+@click.option("--noise-block", default=None, type=int, metavar="N",
+              help="Input columns per noise block [default: 8].")
 @click.option("--loss-weights", default=None, metavar="TERMS",
-              help="Weights of the loss terms, e.g. task=1,output=1,attention=1 (0 turns one off) [default: all 1].")
+              help="Weights of the loss terms, e.g. task=1,output=1,attention=0.5 (0 turns one off) "
+                   "[default: output 1, attention 1, task 1 for labeled .jsonl data, else 0].")
 @click.option("--temperature", default=None, type=float, help="Softmax temperature of the output KL [default: 1].")
 @click.option("--warmup", default=None, type=float, metavar="FRACTION",
               help="Share of steps with linear warmup [default: 0.05].")

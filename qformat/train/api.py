@@ -13,6 +13,7 @@ quantization of SOURCE (before) and the distilled model (after) are measured aga
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import logging
 import os
@@ -181,6 +182,12 @@ def distill(source: str | os.PathLike[str], output: str | os.PathLike[str], *, d
         if dist.strategy == "fsdp" and dist.active and (options.save_every or resume is not None):
             raise OptionError("resumable states are saved and resumed with --strategy ddp; FSDP runs cannot save "
                               "one yet: drop --save-every/--resume or use --strategy ddp")
+        weights = options.loss_weights.resolved(data.has_labels)
+        if weights != options.loss_weights:
+            options = dataclasses.replace(options, loss_weights=weights)
+        if not (weights.task or weights.output or weights.attention):
+            raise OptionError("every loss weight is 0 for this data (it has no labels, so task defaults to 0); "
+                              "give output or attention a weight")
         if options.batch_size % dist.world:
             raise OptionError(f"--batch-size {options.batch_size} must be a multiple of the number of processes "
                               f"({dist.world})")

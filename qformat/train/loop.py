@@ -144,8 +144,9 @@ def train(trainee: Trainee, data: TrainData, options: DistillOptions, *, dist: D
                    for i, n in enumerate(names))
         total = sum(getattr(options.loss_weights, n) * means[n] for n in names)
         if not math.isfinite(total):
-            raise NonFiniteLossError(f"step {step}: the loss is {total} ({', '.join(f'{k}={v:.4g}' for k, v in means.items())}); "
-                                     "lower --lr, or check the data and the source weights")
+            terms_text = ", ".join(f"{k}={v:.4g}" for k, v in means.items())
+            raise NonFiniteLossError(f"step {step}: the loss is {total} ({terms_text}); lower --lr, or check the data "
+                                     "and the source weights")
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -7,8 +7,9 @@ Defaults, where the SDQ paper (O'Neill & Dutta 2023) leaves a value open, are qf
 - `noise_rate` 0.5: each step, half of each weight's blocks of `noise_block` input columns are fake-quantized
   (Quant-Noise, Fan et al. 2020, with the error applied through a straight-through estimator); 1.0 quantizes every
   weight every step (plain QAT). Evaluation and the written checkpoint always quantize everything.
-- loss weights task 1, output 1, attention 1; temperature 1 (the student matches the teacher's distribution itself).
-- AdamW at lr 2e-5 without weight decay, linear warmup over the first 5 % of steps, then linear decay to 0.
+- loss weights output 1, attention 1, and task 1 where the data has labels (else 0: see `LossWeights`);
+  temperature 1 (the student matches the teacher's distribution itself).
+- AdamW at lr 1e-5 without weight decay, linear warmup over the first 5 % of steps, then linear decay to 0.
 - dropout off in the student: quantization noise is the regularizer, and a run is then a deterministic function of
   its seed (which resuming and the multi-process run rely on).
 """
@@ -29,23 +30,35 @@ LOSS_TERMS = ("task", "output", "attention")
 
 @dataclass(frozen=True)
 class LossWeights:
-    """Weight of each loss term: `task` (the model's own loss on the data: next-token cross-entropy for a causal LM,
-    cross-entropy on the labels for a classifier), `output` (KL from the teacher's output distribution; 1 - cosine of
-    the last hidden states for an encoder without a head) and `attention` (KL between the teacher's and student's
-    self-attention output relations, per layer and head). 0 turns a term off."""
+    """Weight of each loss term: `task` (the model's own loss on the data: cross-entropy on the labels of a
+    classifier's .jsonl data, or next-token cross-entropy on a causal LM's text), `output` (KL from the teacher's
+    output distribution; 1 - cosine of the last hidden states for an encoder without a head) and `attention` (KL
+    between the teacher's and student's self-attention output relations, per layer and head). 0 turns a term off.
 
-    task: float = 1.0
+    `task=None` (the default) means 1 where the data has labels and 0 otherwise: a causal LM's next-token loss on the
+    training text would fit the student to that text (its perplexity there falls below the teacher's while it moves
+    away from the teacher), which is fine-tuning, not recovering the teacher; ask for it with task=1."""
+
+    task: float | None = None
     output: float = 1.0
     attention: float = 1.0
 
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
+            if f.name == "task" and value is None:
+                continue
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 <= value < math.inf):
                 raise OptionError(f"loss weight {f.name} must be a number >= 0, got {value!r}")
             object.__setattr__(self, f.name, float(value))
-        if not any(getattr(self, f.name) for f in fields(self)):
+        if not (self.output or self.attention or self.task or self.task is None):
             raise OptionError("every loss weight is 0: give at least one of task, output, attention a weight")
+
+    def resolved(self, has_labels: bool) -> LossWeights:
+        """These weights with `task=None` decided for data that has (or lacks) labels."""
+        if self.task is not None:
+            return self
+        return LossWeights(task=1.0 if has_labels else 0.0, output=self.output, attention=self.attention)
 
     @classmethod
     def parse(cls, text: str) -> LossWeights:
@@ -66,7 +79,7 @@ class LossWeights:
         return cls(**values)
 
     def text(self) -> str:
-        return ",".join(f"{name}={getattr(self, name):g}" for name in LOSS_TERMS)
+        return ",".join(f"{name}={getattr(self, name):g}" for name in LOSS_TERMS if getattr(self, name) is not None)
 
 
 def _positive_int(name: str, value: Any, minimum: int = 1) -> None:
@@ -81,7 +94,7 @@ class DistillOptions:
     `save_every` writes a resumable state every N steps (0: never)."""
 
     steps: int = 200
-    lr: float = 2e-5
+    lr: float = 1e-5
     batch_size: int = 4
     seq_len: int = 256
     noise_rate: float = 0.5

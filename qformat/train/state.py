@@ -97,7 +97,8 @@ def load_state(folder: Path, run: dict[str, Any], model: nn.Module) -> TrainingS
     if not all(isinstance(e, dict) and all(_finite(v) for v in e.values()) for e in log):
         raise FormatError(f"{path}/state.json has a malformed loss log")
     if meta.get("run") != run:
-        differ = sorted(k for k in set(run) | set(meta.get("run") or {}) if (meta.get("run") or {}).get(k) != run.get(k))
+        saved = meta.get("run") if isinstance(meta.get("run"), dict) else {}
+        differ = sorted(k for k in set(run) | set(saved) if saved.get(k) != run.get(k))
         raise OptionError(f"--resume {folder}: that state was made by a different run ({', '.join(differ)} differ); "
                           "resume with the same SOURCE, data, scheme and options, or start afresh")
     try:

@@ -38,7 +38,9 @@ def test_training_lowers_the_distillation_losses_and_the_quantized_models_kl(dis
 
 
 def test_each_logged_term_follows_the_weights(distilled):
-    result, _ = distilled("all-terms")
+    result, _ = distilled("default")  # text without labels: task defaults to 0
+    assert all({"output", "attention", "total"} == set(s) - {"step"} for s in result.log.steps)
+    result, _ = distilled("all-terms", loss_weights="task=1")
     assert all({"task", "output", "attention", "total"} == set(s) - {"step"} for s in result.log.steps)
     s = result.log.steps[-1]
     assert s["total"] == pytest.approx(s["task"] + s["output"] + s["attention"])
