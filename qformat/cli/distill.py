@@ -67,6 +67,8 @@ Examples:
 @click.option("--dtype", default="auto", show_default=True, metavar="DTYPE",
               help="Dtype of the tensors kept in full precision: bfloat16, float16, float32, or auto (as trained, "
                    "float32).")
+@click.option("--device", default=None, metavar="DEVICE",
+              help="cpu, cuda or cuda:N [default: CUDA device LOCAL_RANK if CUDA is available, else cpu].")
 @click.option("--revision", default=None, help="Branch, tag or commit of a Hub SOURCE.")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists (only once the new one is complete).")
 def distill_command(source: str, output: str, scheme: str, data: str, eval_text: str | None, eval_tokens: int,
@@ -75,7 +77,7 @@ def distill_command(source: str, output: str, scheme: str, data: str, eval_text:
                     temperature: float | None, warmup: float | None, seed: int | None, save_every: int | None,
                     state_dir: str | None, resume: str | None, strategy: str, ignore: tuple[str, ...],
                     overrides: tuple[str, ...], observer: str | None, sparsity: str | None, dtype: str,
-                    revision: str | None, overwrite: bool) -> None:
+                    device: str | None, revision: str | None, overwrite: bool) -> None:
     """Train a quantized copy of SOURCE against SOURCE itself (SDQ) and write it as a qformat checkpoint."""
     install_signal_handlers()
     with reported_errors("nothing was written to OUTPUT"):
@@ -92,7 +94,7 @@ def distill_command(source: str, output: str, scheme: str, data: str, eval_text:
         result = distill(source, output, data=data, scheme=scheme, ignore=ignore, overrides=overrides,
                          observer=observer, sparsity=sparsity, dtype=dtype, options=options, eval_text=eval_text,
                          eval_tokens=eval_tokens, state_dir=state_dir, resume=resume, strategy=strategy,
-                         revision=revision, overwrite=overwrite, progress=sys.stderr.isatty())
+                         device=device, revision=revision, overwrite=overwrite, progress=sys.stderr.isatty())
         if result.output is None:  # not rank 0 of a distributed run
             return
         losses = ", ".join(f"{k} {v:.4g}" for k, v in result.final_losses.items())

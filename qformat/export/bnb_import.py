@@ -36,16 +36,14 @@ from qformat.export.imported import (
     import_parameters,
     import_provenance,
     imported_config,
-    write_checked,
+    write_import_shards,
     write_imported,
 )
 from qformat.io.resolve import resolve_source_for
-from qformat.io.safetensors_format import SHARD_METADATA, layout_file
 from qformat.io.source import SourceCheckpoint, TensorReader
-from qformat.io.writer import ShardWriter
 from qformat.quantize.observers import MIN_SCALE
 from qformat.spec.config import CheckpointConfig
-from qformat.spec.layout import TensorSpec, module_tensors
+from qformat.spec.layout import module_tensors
 from qformat.spec.schemes import scheme_name_for
 
 __all__ = ["bnb_scales", "import_bitsandbytes"]
@@ -77,32 +75,10 @@ def _module_data(module: BnbModule, reader: TensorReader) -> dict[str, Any]:
 def _write_shards(plan: BnbPlan, ckpt: SourceCheckpoint, reader: TensorReader,
                   folder: Path) -> tuple[dict[str, str], dict[str, str]]:
     """Write one output shard per source shard; return (tensor -> content hash, tensor -> file)."""
-    replaced = {name for m in plan.modules.values() for name in m.source_tensors}
-    hashes: dict[str, str] = {}
-    weight_map: dict[str, str] = {}
-    for file in ckpt.files:
-        kept = [t for t in ckpt.tensors.values() if t.file == file and t.name not in replaced]
-        modules = [m for m in plan.modules.values() if m.weight.file == file]
-        specs = [TensorSpec(t.name, t.dtype, t.shape) for t in kept]
-        for m in modules:
-            specs += module_tensors(m.name, SCHEME, m.out_features, m.in_features)
-        writer = ShardWriter(folder / file, layout_file(specs, SHARD_METADATA))
-        try:
-            for t in kept:
-                sink = writer.sink(t.name)
-                sink.write(reader.raw(t))
-                hashes[t.name] = sink.finish()
-                reader.release(t)
-            for m in modules:
-                for name, value in _module_data(m, reader).items():
-                    write_checked(writer, name, value, hashes)
-                for t in (m.weight, m.scb):
-                    reader.release(t)
-            writer.close(sync=True)
-        finally:
-            writer.abort()
-        weight_map.update(dict.fromkeys((s.name for s in specs), file))
-    return hashes, weight_map
+    return write_import_shards(
+        ckpt, reader, folder, plan.modules.values(), home=lambda m: m.weight.file,
+        specs=lambda m: module_tensors(m.name, SCHEME, m.out_features, m.in_features),
+        data=lambda m: _module_data(m, reader), release=lambda m: (m.weight, m.scb))
 
 
 def _qformat_config(plan: BnbPlan, ckpt: SourceCheckpoint, repo_id: str | None, revision: str | None,

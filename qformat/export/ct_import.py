@@ -27,16 +27,14 @@ from qformat.export.imported import (
     import_parameters,
     import_provenance,
     imported_config,
-    write_checked,
+    write_import_shards,
     write_imported,
 )
 from qformat.export.packing import unpack_int8
-from qformat.io.safetensors_format import SHARD_METADATA, layout_file
 from qformat.io.source import SourceCheckpoint, TensorReader
-from qformat.io.writer import ShardWriter
 from qformat.quantize.sparse24 import compress_2_4, decompress_2_4
 from qformat.spec.config import CheckpointConfig
-from qformat.spec.layout import TensorSpec, module_tensors
+from qformat.spec.layout import module_tensors
 from qformat.spec.schemes import scheme_name_for
 
 __all__ = ["import_compressed_tensors"]
@@ -81,32 +79,12 @@ def _module_data(plan: ModulePlan, ckpt: SourceCheckpoint, reader: TensorReader)
 
 def _write_shards(plan: ImportPlan, ckpt: SourceCheckpoint, reader: TensorReader,
                   folder: Path) -> tuple[dict[str, str], dict[str, str]]:
-    """Write one output shard per source shard; return (tensor -> content hash, tensor -> file)."""
-    replaced = {name for m in plan.modules.values() for name in m.source_tensors}
-    home = {m.name: ckpt.tensors[f"{m.name}.weight_scale"].file for m in plan.modules.values()}
-    hashes: dict[str, str] = {}
-    weight_map: dict[str, str] = {}
-    for file in ckpt.files:
-        kept = [t for t in ckpt.tensors.values() if t.file == file and t.name not in replaced]
-        modules = [m for m in plan.modules.values() if home[m.name] == file]
-        specs = [TensorSpec(t.name, t.dtype, t.shape) for t in kept]
-        for m in modules:
-            specs += module_tensors(m.name, m.scheme, m.out_features, m.in_features)
-        writer = ShardWriter(folder / file, layout_file(specs, SHARD_METADATA))
-        try:
-            for t in kept:
-                sink = writer.sink(t.name)
-                sink.write(reader.raw(t))
-                hashes[t.name] = sink.finish()
-                reader.release(t)
-            for m in modules:
-                for name, value in _module_data(m, ckpt, reader).items():
-                    write_checked(writer, name, value, hashes)
-            writer.close(sync=True)
-        finally:
-            writer.abort()
-        weight_map.update(dict.fromkeys((s.name for s in specs), file))
-    return hashes, weight_map
+    """Write one output shard per source shard (a module in the shard of its `weight_scale`); return (tensor ->
+    content hash, tensor -> file)."""
+    return write_import_shards(
+        ckpt, reader, folder, plan.modules.values(), home=lambda m: ckpt.tensors[f"{m.name}.weight_scale"].file,
+        specs=lambda m: module_tensors(m.name, m.scheme, m.out_features, m.in_features),
+        data=lambda m: _module_data(m, ckpt, reader))
 
 
 def _qformat_config(plan: ImportPlan, ckpt: SourceCheckpoint, repo_id: str | None, revision: str | None,

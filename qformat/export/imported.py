@@ -10,7 +10,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import torch
 
@@ -19,19 +19,21 @@ from qformat.errors import FormatError
 from qformat.io.dtypes import SAFETENSORS_CODES, tensor_bytes
 from qformat.io.atomic import atomic_output_dir
 from qformat.io.index import write_weight_index
-from qformat.io.source import SourceCheckpoint
+from qformat.io.safetensors_format import SHARD_METADATA, layout_file
+from qformat.io.source import SourceCheckpoint, SourceTensor, TensorReader
 from qformat.io.support_files import copy_support_files
 from qformat.io.writer import ShardWriter, write_json
 from qformat.plan.record import environment
 from qformat.spec.config import CheckpointConfig, FallbackEntry
 from qformat.spec.fused import fused_groups_for
+from qformat.spec.layout import TensorSpec
 from qformat.spec.schemes import Scheme, scheme_name_for
 
 if TYPE_CHECKING:
     from qformat.models.structure import ModelStructure
 
 __all__ = ["ImportResult", "import_parameters", "import_provenance", "import_statistics", "imported_config",
-           "write_checked", "write_imported"]
+           "write_checked", "write_import_shards", "write_imported"]
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,9 @@ class ImportedModule(Protocol):
     def source_tensors(self) -> tuple[str, ...]: ...
 
 
+M = TypeVar("M", bound=ImportedModule)
+
+
 def import_parameters(modules: Iterable[ImportedModule], ckpt: SourceCheckpoint) -> int:
     """The model's parameter count: each imported module's weight as its full shape, plus every tensor the import
     does not replace."""
@@ -77,6 +82,43 @@ def write_checked(writer: ShardWriter, name: str, value: torch.Tensor | memoryvi
     sink = writer.sink(name)
     sink.write(value if raw else tensor_bytes(value))
     hashes[name] = sink.finish()
+
+
+def write_import_shards(ckpt: SourceCheckpoint, reader: TensorReader, folder: Path, modules: Iterable[M], *,
+                        home: Callable[[M], str], specs: Callable[[M], list[TensorSpec]],
+                        data: Callable[[M], Mapping[str, torch.Tensor | memoryview]],
+                        release: Callable[[M], Iterable[SourceTensor]] = lambda m: ()) -> tuple[dict[str, str],
+                                                                                            dict[str, str]]:
+    """Write one output shard per source shard: the source tensors no module replaces, bytes as read, then each
+    module's tensors (`data(m)`, checked against `specs(m)`) in the shard of its `home(m)` file, releasing the pages
+    of `release(m)` after each. Returns (tensor -> content hash, tensor -> file)."""
+    modules = list(modules)
+    replaced = {name for m in modules for name in m.source_tensors}
+    hashes: dict[str, str] = {}
+    weight_map: dict[str, str] = {}
+    for file in ckpt.files:
+        kept = [t for t in ckpt.tensors.values() if t.file == file and t.name not in replaced]
+        here = [m for m in modules if home(m) == file]
+        layout = [TensorSpec(t.name, t.dtype, t.shape) for t in kept]
+        for m in here:
+            layout += specs(m)
+        writer = ShardWriter(folder / file, layout_file(layout, SHARD_METADATA))
+        try:
+            for t in kept:
+                sink = writer.sink(t.name)
+                sink.write(reader.raw(t))
+                hashes[t.name] = sink.finish()
+                reader.release(t)
+            for m in here:
+                for name, value in data(m).items():
+                    write_checked(writer, name, value, hashes)
+                for t in release(m):
+                    reader.release(t)
+            writer.close(sync=True)
+        finally:
+            writer.abort()
+        weight_map.update(dict.fromkeys((s.name for s in layout), file))
+    return hashes, weight_map
 
 
 def import_provenance(ckpt: SourceCheckpoint, *, repo_id: str | None, revision: str | None,

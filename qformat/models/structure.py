@@ -25,7 +25,7 @@ from qformat.models.names import NameMap, checkpoint_shapes
 from qformat.spec.layout import FULL_PRECISION_DTYPES
 
 __all__ = ["LAYER_COUNT_KEYS", "LAYER_COUNT_SLACK", "LinearModule", "ModelStructure", "analyze_structure",
-           "check_layer_counts", "structure_of"]
+           "check_layer_counts", "source_config", "structure_of"]
 
 logger = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ def _load_config(folder: Path, raw: dict[str, Any], *, quantized: bool = False):
     if raw.get("quantization_config") and not quantized:
         method = raw["quantization_config"].get("quant_method", "unknown") if isinstance(raw["quantization_config"], dict) else "unknown"
         raise UnsupportedModelError(
-            f"the source is already quantized (quant_method {method!r}); convert from the full-precision model"
+            f"the source is already quantized (quant_method {method!r}); start from the full-precision model"
         )
     model_type = raw.get("model_type")
     try:
@@ -125,6 +125,12 @@ def _load_config(folder: Path, raw: dict[str, Any], *, quantized: bool = False):
         raise UnsupportedModelError(
             f"transformers refuses this config.json ({_first_line(exc)}); fix config.json"
         ) from None
+
+
+def source_config(folder: Path):  # -> transformers.PretrainedConfig
+    """The transformers config of the full-precision model in `folder`, read with the untrusted-JSON limits; refuses
+    a quantized source and a model type that needs remote code (what `analyze_structure` refuses)."""
+    return _load_config(Path(folder), _read_raw_config(Path(folder)))
 
 
 def _known_model_types() -> set[str]:

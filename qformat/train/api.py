@@ -55,14 +55,6 @@ class DistillResult:
     quantized_modules: int
 
 
-def _refuse_quantized(config: Any) -> None:
-    quant = getattr(config, "quantization_config", None)
-    if quant is not None:
-        method = quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)
-        raise UnsupportedModelError(f"SOURCE is already quantized (quant_method {str(method)!r}); distill from the "
-                                    "full-precision model it was made from")
-
-
 def _parameters_sha256(model: torch.nn.Module) -> str:
     """The identity of the teacher's weights (names, dtypes, shapes and bytes of its state dict)."""
     digest = hashlib.sha256()
@@ -118,26 +110,28 @@ def distill(source: str | os.PathLike[str], output: str | os.PathLike[str], *, d
             observer: str | None = None, sparsity: str | None = None, dtype: str = "auto",
             options: DistillOptions | None = None, eval_text: str | os.PathLike[str] | None = None,
             eval_tokens: int = DEFAULT_EVAL_TOKENS, state_dir: str | os.PathLike[str] | None = None,
-            resume: str | os.PathLike[str] | None = None, strategy: str = "ddp", revision: str | None = None,
+            resume: str | os.PathLike[str] | None = None, strategy: str = "ddp", device: str | None = None,
+            revision: str | None = None,
             overwrite: bool = False, progress: bool = False, **training: Any) -> DistillResult:
     """Distill SOURCE into a quantized student and write it as a qformat checkpoint at OUTPUT.
 
     `options` (or its fields as keywords: `steps=`, `lr=`, `noise_rate=`, `loss_weights="task=1,output=1,
     attention=0"`, ...) is the training run; the recipe keywords are `qformat convert`'s. `state_dir` with
     `save_every` saves a resumable state; `resume` (a state folder) continues one. Under `torchrun`, every process
-    calls this; rank 0 writes OUTPUT.
+    calls this; rank 0 writes OUTPUT. `device` ("cpu", "cuda", "cuda:1") defaults to CUDA device LOCAL_RANK where
+    CUDA is available, else the CPU.
 
     Raises:
         OptionError: a bad option, data file or state folder.
         UnsupportedModelError: SOURCE is already quantized, or a kind of model distill does not train.
         SourceError: SOURCE cannot be found or loaded.
     """
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from qformat.eval.api import load_model
     from qformat.eval.tasks import model_kind
     from qformat.io.resolve import resolve_source_for
-    from qformat.models.structure import structure_of
+    from qformat.models.structure import source_config, structure_of
     from qformat.plan.rules import plan_conversion
 
     if options is None:
@@ -150,13 +144,12 @@ def distill(source: str | os.PathLike[str], output: str | os.PathLike[str], *, d
                          sparsity=sparsity, dtype=dtype)
     out = Path(output)
     src = resolve_source_for(source, out, revision=revision, overwrite=overwrite)
-    config = AutoConfig.from_pretrained(src.path)
-    _refuse_quantized(config)
+    config = source_config(src.path)  # refuses an already quantized SOURCE
     kind = model_kind(config)
     if kind not in ("causal-lm", "encoder"):
         raise UnsupportedModelError(f"qformat distill trains causal LMs and encoders; {kind} models are not "
                                     "supported yet: quantize them with qformat convert")
-    dist = setup_distributed(strategy)
+    dist = setup_distributed(strategy, device)
     try:
         teacher = load_model(src.path, kind).to(dist.device)
         for p in teacher.parameters():
@@ -239,6 +232,7 @@ def _write(src: Any, out: Path, teacher: Any, student: Any, fakes: list[Any], to
         "steps": options.steps,
         "global_batch": options.batch_size,
         "processes": dist.world,
+        "device": dist.device.type,
         "strategy": dist.strategy if dist.world > 1 else None,
         "resumed_from_step": log.resumed_from,
         "seconds": round(log.seconds, 1),

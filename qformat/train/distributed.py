@@ -96,8 +96,20 @@ def setup_distributed(strategy: str = "ddp", device: str | None = None) -> Distr
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     rank = int(os.environ.get("RANK", "0") or 0)
     local = int(os.environ.get("LOCAL_RANK", "0") or 0)
-    use_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
-    dev = torch.device("cuda", local) if use_cuda else torch.device(device or "cpu")
+    if device is None:
+        dev = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
+    else:
+        try:
+            dev = torch.device(device)
+        except (RuntimeError, ValueError):
+            raise OptionError(f"--device must be cpu, cuda or cuda:N, got {device!r}") from None
+        if dev.type not in ("cpu", "cuda"):
+            raise OptionError(f"--device must be cpu, cuda or cuda:N, got {device!r}")
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise OptionError("--device cuda: this torch sees no CUDA device; use --device cpu")
+        if dev.type == "cuda" and dev.index is None:
+            dev = torch.device("cuda", local)
+    use_cuda = dev.type == "cuda"
     if world <= 1:
         return Distributed(device=dev, strategy=strategy)
     import torch.distributed as dist

@@ -86,14 +86,18 @@ def _load_parameters(trainee: Trainee, state: TrainingState) -> None:
 
 
 def _load_optimizer(optimizer: torch.optim.Optimizer, state: TrainingState) -> None:
+    """The saved moments into `optimizer`. Its hyperparameters stay this run's (they equal the saved run's: the run
+    identity was checked), so nothing but the tensors is read from the state folder."""
     ordered = [p for group in optimizer.param_groups for p in group["params"]]
     for index, entry in state.optimizer["state"].items():
-        if index >= len(ordered) or any(k != "step" and v.shape != ordered[index].shape for k, v in entry.items()):
+        fits = index < len(ordered) and set(entry) == {"step", "exp_avg", "exp_avg_sq"} \
+            and entry["step"].numel() == 1 and bool(torch.isfinite(entry["step"]).all()) \
+            and all(entry[k].shape == ordered[index].shape and entry[k].dtype == ordered[index].dtype
+                    for k in ("exp_avg", "exp_avg_sq"))
+        if not fits:
             raise FormatError("the saved optimizer state does not fit the model; start afresh")
-    try:
-        optimizer.load_state_dict(state.optimizer)
-    except (ValueError, KeyError, TypeError) as exc:
-        raise FormatError(f"the saved optimizer state does not fit ({exc}); start afresh") from None
+    current = optimizer.state_dict()
+    optimizer.load_state_dict({"state": state.optimizer["state"], "param_groups": current["param_groups"]})
 
 
 def train(trainee: Trainee, data: TrainData, options: DistillOptions, *, dist: Distributed,

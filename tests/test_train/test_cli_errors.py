@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 import qformat
@@ -72,3 +73,10 @@ def test_the_cli_trains_and_reports(peaked_llama, tmp_path):
     assert "trained 2 steps" in result.output and "final losses: output" in result.output
     assert "perplexity on pydoc-topics/heldout: source" in result.output
     qformat.verify(tmp_path / "out")
+
+
+def test_a_bad_device(peaked_llama, tmp_path):
+    out = tmp_path / "out"
+    _fails([peaked_llama, out, "--data", "calibration", "--device", "tpu", *FAST], "--device", out)
+    if not torch.cuda.is_available():
+        _fails([peaked_llama, out, "--data", "calibration", "--device", "cuda", *FAST], "no CUDA device", out)

@@ -146,3 +146,41 @@ def test_a_state_from_another_run_is_refused(peaked_llama, tmp_path):
     with pytest.raises(qformat.OptionError, match="different run .*recipe"):
         qformat.distill(peaked_llama, tmp_path / "b", resume=tmp_path / "state",
                         **{**options, "scheme": "w8a16-int8"})
+
+
+@pytest.mark.cuda
+def test_distill_trains_on_cuda_and_writes_what_the_cpu_run_writes(peaked_llama, tmp_path):
+    """With CUDA present the student and teacher train on the GPU (the converter's quantization runs there too); the
+    checkpoint loads and matches the CPU run's to float rounding."""
+    options = {"scheme": "w8a8-int8", "data": "calibration", "steps": 3, "lr": 1e-3, "batch_size": 2, "seq_len": 32}
+    qformat.distill(peaked_llama, tmp_path / "cuda", **options)
+    record = json.loads((tmp_path / "cuda" / "config.json").read_text())["quantization_config"]["provenance"]
+    assert record["distillation"]["device"] == "cuda"
+    qformat.verify(tmp_path / "cuda")
+    qformat.distill(peaked_llama, tmp_path / "cpu", device="cpu", **options)
+    a, b = load_file(tmp_path / "cpu" / "model.safetensors"), load_file(tmp_path / "cuda" / "model.safetensors")
+    for name, t in a.items():
+        if t.is_floating_point():
+            torch.testing.assert_close(b[name], t, rtol=1e-3, atol=1e-4, msg=name)
+        elif t.dtype == torch.int8:
+            assert int((t.int() - b[name].int()).abs().max()) <= 1, name
+
+
+def test_a_classifier_with_labeled_data_gets_the_task_loss(readable, tmp_path):
+    """A sequence classifier trained on .jsonl data with labels: the task term (class cross-entropy) is on by
+    default and logged; its output term is the KL over the classes; labels the head does not have are refused."""
+    source = readable("xlm-roberta")  # XLMRobertaForSequenceClassification, 3 classes
+    data = tmp_path / "train.jsonl"
+    lines = [json.dumps({"text": f"sentence number {i} says {'yes' if i % 3 else 'no'} loudly", "label": i % 3})
+             for i in range(12)]
+    data.write_text("\n".join(lines) + "\n")
+    result = qformat.distill(source, tmp_path / "out", data=data, scheme="w8a8-int8", steps=3, batch_size=4,
+                             seq_len=32, lr=1e-3)
+    assert all(set(s) - {"step"} == {"task", "output", "attention", "total"} for s in result.log.steps)
+    assert result.log.steps[0]["task"] == pytest.approx(1.0986, abs=0.3)  # about ln 3 for a random 3-way head
+    record = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]["provenance"]
+    assert record["distillation"]["options"]["loss_weights"]["task"] == 1.0
+    assert record["distillation"]["data"]["dataset"] == "train.jsonl"
+    data.write_text(json.dumps({"text": "a sentence with a label the head lacks", "label": 7}) + "\n")
+    with pytest.raises(qformat.OptionError, match="label 7, and the model has 3 classes"):
+        qformat.distill(source, tmp_path / "bad", data=data, scheme="w8a8-int8", steps=1, batch_size=1)
