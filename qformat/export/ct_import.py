@@ -19,8 +19,6 @@ from typing import Any
 
 import torch
 
-from qformat.quantize.stored import sparse_shape
-from qformat.io.resolve import resolve_source_for
 from qformat.export.ct_plan import ImportPlan, ModulePlan, plan_import
 from qformat.export.imported import (
     ImportResult,
@@ -31,8 +29,10 @@ from qformat.export.imported import (
     write_imported,
 )
 from qformat.export.packing import unpack_int8
+from qformat.io.resolve import resolve_source_for
 from qformat.io.source import SourceCheckpoint, TensorReader
 from qformat.quantize.sparse24 import compress_2_4, decompress_2_4
+from qformat.quantize.stored import sparse_shape
 from qformat.spec.config import CheckpointConfig
 from qformat.spec.layout import module_tensors
 from qformat.spec.schemes import scheme_name_for

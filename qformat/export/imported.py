@@ -16,8 +16,8 @@ import torch
 
 from qformat._version import __version__
 from qformat.errors import FormatError
-from qformat.io.dtypes import SAFETENSORS_CODES, tensor_bytes
 from qformat.io.atomic import atomic_output_dir
+from qformat.io.dtypes import SAFETENSORS_CODES, tensor_bytes
 from qformat.io.index import write_weight_index
 from qformat.io.safetensors_format import SHARD_METADATA, layout_file
 from qformat.io.source import SourceCheckpoint, SourceTensor, TensorReader

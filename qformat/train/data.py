@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -58,8 +59,7 @@ class TrainData:
         out = []
         for position in range(step * batch_size, (step + 1) * batch_size):
             epoch, offset = divmod(position, n)
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
-            out.append(int(order[offset]))
+            out.append(_epoch_order(n, seed, epoch)[offset])
         return out
 
     def batch(self, step: int, batch_size: int, seed: int, *, rank: int = 0, world: int = 1) -> dict[str, torch.Tensor]:
@@ -75,6 +75,13 @@ class TrainData:
         if all("label" in e for e in chosen):
             batch["labels"] = torch.tensor([e["label"] for e in chosen], dtype=torch.long)
         return batch
+
+
+@lru_cache(maxsize=4)
+def _epoch_order(n: int, seed: int, epoch: int) -> tuple[int, ...]:
+    """The shuffled order of `n` examples in one epoch: a function of (seed, epoch) only, so every process and a
+    resumed run draw the same batches; cached because each step reads a handful of positions from it."""
+    return tuple(torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch)).tolist())
 
 
 def _jsonl(path: Path) -> tuple[list[dict[str, Any]], str]:

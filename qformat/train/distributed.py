@@ -11,7 +11,7 @@ one-process gradient of the same global batch. Only rank 0 writes files and show
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -29,7 +29,7 @@ class Distributed:
 
     rank: int = 0
     world: int = 1
-    device: torch.device = torch.device("cpu")
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     owns_group: bool = False
     strategy: str = "ddp"
 

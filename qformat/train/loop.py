@@ -18,15 +18,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from qformat.errors import FormatError, QFormatError
 from qformat.train.data import TrainData
 from qformat.train.distributed import Distributed
 from qformat.train.fakequant import FakeQuantLinear
 from qformat.train.losses import AttentionTap, attention_loss, output_loss, task_loss
 from qformat.train.options import LOSS_TERMS, DistillOptions
 from qformat.train.state import TrainingState, save_state
-from qformat.errors import FormatError, QFormatError
 
-__all__ = ["TrainingLog", "Trainee", "train"]
+__all__ = ["Trainee", "TrainingLog", "train"]
 
 
 @dataclass

@@ -31,7 +31,7 @@ from torch import nn
 
 from qformat.errors import UnsupportedModelError
 
-__all__ = ["ATTENTION_OUTPUT_PATTERNS", "AttentionTap", "attention_loss", "attention_outputs", "attention_heads",
+__all__ = ["ATTENTION_OUTPUT_PATTERNS", "AttentionTap", "attention_heads", "attention_loss", "attention_outputs",
            "output_loss", "task_loss"]
 
 #: Module paths of the Linear that reads the concatenated head outputs of a self-attention block, per family:
@@ -91,6 +91,15 @@ def _valid(mask: torch.Tensor | None, shape: tuple[int, int], device: torch.devi
                                                                                          device=device)
 
 
+def _log_relation(output: torch.Tensor, heads: int, keys: torch.Tensor) -> torch.Tensor:
+    """log softmax(O Oᵀ / √d) per head of a self-attention output [B, T, H·d], padding keys masked: [B, H, T, T]."""
+    b, length, width = output.shape
+    d = width // heads
+    o = output.float().reshape(b, length, heads, d).transpose(1, 2)  # [B, H, T, d]
+    scores = o @ o.transpose(-1, -2) / math.sqrt(d)
+    return F.log_softmax(scores.masked_fill(~keys, float("-inf")), dim=-1)
+
+
 def attention_loss(teacher: list[torch.Tensor], student: list[torch.Tensor], heads: int,
                    mask: torch.Tensor | None) -> tuple[torch.Tensor, int]:
     """Sum over layers, heads and valid query tokens of KL(teacher relation || student relation), and the count."""
@@ -100,19 +109,12 @@ def attention_loss(teacher: list[torch.Tensor], student: list[torch.Tensor], hea
     total = student[0].new_zeros((), dtype=torch.float32)
     count = 0
     for t_out, s_out in zip(teacher, student):
-        b, length, width = s_out.shape
-        d = width // heads
+        b, length, _ = s_out.shape
         valid = _valid(mask, (b, length), s_out.device)
         keys = valid[:, None, None, :]  # [B, 1, 1, T]
-
-        def relation(o: torch.Tensor) -> torch.Tensor:
-            o = o.float().reshape(b, length, heads, d).transpose(1, 2)  # [B, H, T, d]
-            scores = o @ o.transpose(-1, -2) / math.sqrt(d)
-            return F.log_softmax(scores.masked_fill(~keys, float("-inf")), dim=-1)
-
         with torch.no_grad():
-            log_t = relation(t_out.detach())
-        log_s = relation(s_out)
+            log_t = _log_relation(t_out.detach(), heads, keys)
+        log_s = _log_relation(s_out, heads, keys)
         kl = torch.where(keys, log_t.exp() * (log_t - log_s), 0.0).sum(-1)  # [B, H, T]
         queries = valid[:, None, :].expand(b, heads, length)
         total = total + kl[queries].sum()

@@ -104,7 +104,7 @@ def load_state(folder: Path, run: dict[str, Any], model: nn.Module) -> TrainingS
     try:
         params = load_file(path / "student.safetensors")
         opt_tensors = load_file(path / "optimizer.safetensors")
-    except Exception as exc:  # safetensors raises its own error types for malformed files
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types for malformed files
         raise FormatError(f"{path} holds a malformed safetensors file ({str(exc).splitlines()[0]}); start afresh") \
             from None
     expected = dict(model.named_parameters())

@@ -38,7 +38,7 @@ def test_two_processes_write_what_one_writes(strategy, peaked_llama, one_process
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr",
                           "127.0.0.1", "--master-port", str(_free_port()), "-m", "qformat", "distill",
                           str(peaked_llama), str(out), *args, "--strategy", strategy],
-                         capture_output=True, text=True, env=env, timeout=300)
+                         check=False, capture_output=True, text=True, env=env, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.count("trained 4 steps") == 1  # rank 0 alone reports and writes
     two = load_file(out / "model.safetensors")
