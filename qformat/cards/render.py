@@ -17,7 +17,7 @@ from typing import Any
 
 from qformat._version import DISTRIBUTION
 from qformat.cards import accuracy, markdown
-from qformat.cards.facts import MARKER, ORIGINAL_END, ORIGINAL_START, CardFacts, card_facts
+from qformat.cards.facts import MARKER, ORIGINAL_END, ORIGINAL_START, CardFacts, DistillationFacts, card_facts
 from qformat.cards.markdown import code, demote_headings, text
 from qformat.cards.records import MAX_RESULTS
 from qformat.cards.size import size_lines
@@ -179,14 +179,26 @@ def _distillation_line(f: CardFacts) -> str:
         tokens = f", {d.tokens} tokens" if d.tokens is not None else ""
         data = f" on {code(d.data)}{sha}{tokens}"
     losses = ", ".join(f"{text(k)} {v:.4g}" for k, v in d.final_losses.items())
-    line = (f"quantization-aware training by self-distillation (SDQ: the full-precision model teaches its quantized "
-            f"copy through its outputs and self-attention outputs, with quantization noise){data}: "
+    line = (f"quantization-aware training by self-distillation (SDQ: {_distillation_terms(d)}){data}: "
             f"{', '.join(run)}; final losses {losses or 'not recorded'} (`provenance.distillation`)")
     if d.metric is not None and d.before is not None and d.after is not None:
         source = f"source {d.source_value:.5g}, " if d.source_value is not None else ""
         line += (f"; {text(d.metric)} measured at the end of the run: {source}quantized without training "
                  f"{d.before:.5g}, distilled {d.after:.5g}")
     return line
+
+
+def _distillation_terms(d: DistillationFacts) -> str:
+    """What the student learned from, named from the recorded loss weights (only the terms that were on)."""
+    weights = d.loss_weights or {}
+    taught = [what for key, what in (("output", "its outputs"), ("attention", "its self-attention outputs"))
+              if weights.get(key, 1)]
+    phrase = ("the full-precision model teaches its quantized copy through " + " and ".join(taught)) if taught else \
+        "the quantized copy is trained on the task loss alone"
+    if taught and weights.get("task"):
+        phrase += ", plus the task loss"
+    noise = "with quantization noise" if d.noise_rate is None or d.noise_rate < 1 else "every weight quantized each step"
+    return f"{phrase}, {noise}"
 
 
 def summary(f: CardFacts) -> list[str]:

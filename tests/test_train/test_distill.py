@@ -70,6 +70,21 @@ def test_the_checkpoint_records_the_run_and_loads_quantized(distilled, peaked_ll
     card = render_card(out)
     line = next(line for line in card.splitlines() if "self-distillation" in line)
     assert "30 steps" in line and "pydoc-topics/calibration" in line and "distilled" in line
+    assert "through its outputs and its self-attention outputs, with quantization noise" in line
+
+
+def test_the_card_names_only_the_terms_that_were_on(distilled):
+    from qformat.cards.render import render_card
+
+    def line(name: str, **extra: object) -> str:
+        _, out = distilled(name, **extra)
+        return next(x for x in render_card(out).splitlines() if "self-distillation" in x)
+
+    assert "through its outputs, with quantization noise" in line("output-only", loss_weights="attention=0")
+    task_only = line("task-only", loss_weights="task=1,output=0,attention=0")
+    assert "trained on the task loss alone" in task_only and "teaches" not in task_only
+    plain = line("plain-qat", loss_weights="task=1", noise_rate=1.0)
+    assert "self-attention outputs, plus the task loss, every weight quantized each step" in plain
 
 
 def test_the_students_evaluation_forward_is_the_written_checkpoints(peaked_llama, tmp_path):
