@@ -7,8 +7,7 @@ import sys
 import click
 
 from qformat.cli._errors import install_signal_handlers, reported_errors
-from qformat.quantize.observers import OBSERVERS
-from qformat.spec.schemes import scheme_names
+from qformat.cli._options import recipe_options
 
 __all__ = ["convert_command"]
 
@@ -30,16 +29,7 @@ Examples:
 @click.command("convert", epilog=EXAMPLES)
 @click.argument("source")
 @click.argument("output", type=click.Path(file_okay=False))
-@click.option("--scheme", default="w8a8-int8", show_default=True, metavar="SCHEME",
-              help=f"Default scheme: {', '.join(scheme_names())}.")
-@click.option("--ignore", "ignore", multiple=True, metavar="PATTERN",
-              help="Keep matching modules in full precision (module name or 're:<regex>'). Repeatable.")
-@click.option("--override", "overrides", multiple=True, metavar="PATTERN=SCHEME",
-              help="Use SCHEME (or 'none' = full precision) for matching modules. Repeatable; exact names win, "
-                   "then the first matching 're:' pattern.")
-@click.option("--observer", type=click.Choice(OBSERVERS), default=None,
-              help="Scale observer. Default: mse for fp8 schemes, absmax for int8.")
-@click.option("--sparsity", type=click.Choice(["2:4"]), default=None, help="Prune every quantized module to 2:4.")
+@recipe_options
 @click.option("--dtype", default="auto", show_default=True, metavar="DTYPE",
               help="Dtype of the tensors kept in full precision (embeddings, norms, biases, fallback modules): "
                    "bfloat16, float16, float32, or auto = config.json's dtype, else as stored.")

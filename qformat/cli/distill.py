@@ -7,8 +7,7 @@ import sys
 import click
 
 from qformat.cli._errors import install_signal_handlers, reported_errors
-from qformat.quantize.observers import OBSERVERS
-from qformat.spec.schemes import scheme_names
+from qformat.cli._options import recipe_options
 
 __all__ = ["distill_command"]
 
@@ -26,8 +25,7 @@ Examples:
 @click.command("distill", epilog=EXAMPLES)
 @click.argument("source")
 @click.argument("output", type=click.Path(file_okay=False))
-@click.option("--scheme", default="w8a8-int8", show_default=True, metavar="SCHEME",
-              help=f"Default scheme: {', '.join(scheme_names())}.")
+@recipe_options
 @click.option("--data", required=True, metavar="FILE",
               help="Training text (UTF-8; a causal LM reads windows of it, an encoder its paragraphs), a .jsonl of "
                    "{\"text\": ..., \"label\": N} lines, or a built-in text name (calibration, search).")
@@ -57,13 +55,6 @@ Examples:
 @click.option("--resume", default=None, metavar="DIR", help="Continue the run whose state is in DIR.")
 @click.option("--strategy", type=click.Choice(["ddp", "fsdp"]), default="ddp", show_default=True,
               help="Under torchrun/accelerate: replicate the student (DDP) or shard it (FSDP).")
-@click.option("--ignore", "ignore", multiple=True, metavar="PATTERN",
-              help="Keep matching modules in full precision (module name or 're:<regex>'). Repeatable.")
-@click.option("--override", "overrides", multiple=True, metavar="PATTERN=SCHEME",
-              help="Use SCHEME (or 'none') for matching modules. Repeatable.")
-@click.option("--observer", type=click.Choice(OBSERVERS), default=None,
-              help="Scale observer. Default: mse for fp8 schemes, absmax for int8.")
-@click.option("--sparsity", type=click.Choice(["2:4"]), default=None, help="Prune every quantized module to 2:4.")
 @click.option("--dtype", default="auto", show_default=True, metavar="DTYPE",
               help="Dtype of the tensors kept in full precision: bfloat16, float16, float32, or auto (as trained, "
                    "float32).")
