@@ -184,9 +184,12 @@ def distill(source: str | os.PathLike[str], output: str | os.PathLike[str], *, d
         if options.batch_size % dist.world:
             raise OptionError(f"--batch-size {options.batch_size} must be a multiple of the number of processes "
                               f"({dist.world})")
-        run = {"source": _parameters_sha256(teacher), "data": data.sha256, "recipe": recipe.to_record(),
-               "options": {k: v for k, v in options.to_record().items() if k != "save_every"}}
-        state = load_state(Path(resume), run, student) if resume is not None else None
+        run, state = None, None
+        if options.save_every or resume is not None:  # the identity a saved state carries (hashes every weight)
+            run = {"source": _parameters_sha256(teacher), "data": data.sha256, "recipe": recipe.to_record(),
+                   "options": {k: v for k, v in options.to_record().items() if k != "save_every"}}
+            if resume is not None:
+                state = load_state(Path(resume), run, student)
         blocks = [m for m in student.modules() if type(m).__name__.endswith(("DecoderLayer", "Layer", "Block"))
                   and m is not student]
         trainee = Trainee(teacher, student, kind, fakes, paths, heads, blocks)

@@ -24,7 +24,7 @@ from qformat.train.distributed import Distributed
 from qformat.train.fakequant import FakeQuantLinear
 from qformat.train.losses import AttentionTap, attention_loss, output_loss, task_loss
 from qformat.train.options import LOSS_TERMS, DistillOptions
-from qformat.train.state import TrainingState, save_state
+from qformat.train.state import ADAMW_STATE, TrainingState, save_state
 
 __all__ = ["Trainee", "TrainingLog", "train"]
 
@@ -90,7 +90,7 @@ def _load_optimizer(optimizer: torch.optim.Optimizer, state: TrainingState) -> N
     identity was checked), so nothing but the tensors is read from the state folder."""
     ordered = [p for group in optimizer.param_groups for p in group["params"]]
     for index, entry in state.optimizer["state"].items():
-        fits = index < len(ordered) and set(entry) == {"step", "exp_avg", "exp_avg_sq"} \
+        fits = index < len(ordered) and set(entry) == set(ADAMW_STATE) \
             and entry["step"].numel() == 1 and bool(torch.isfinite(entry["step"]).all()) \
             and all(entry[k].shape == ordered[index].shape and entry[k].dtype == ordered[index].dtype
                     for k in ("exp_avg", "exp_avg_sq"))

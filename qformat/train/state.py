@@ -24,9 +24,11 @@ from qformat.errors import FormatError, OptionError
 from qformat.io.atomic import atomic_output_dir
 from qformat.io.jsonfile import load_json
 
-__all__ = ["STATE_FORMAT", "TrainingState", "latest_state", "load_state", "save_state"]
+__all__ = ["ADAMW_STATE", "STATE_FORMAT", "TrainingState", "latest_state", "load_state", "save_state"]
 
 STATE_FORMAT = "qformat-distill-state"
+#: The per-parameter tensors of AdamW's state, the only optimizer tensors a state folder may hold.
+ADAMW_STATE = ("step", "exp_avg", "exp_avg_sq")
 _STEP_DIR = re.compile(r"^step-(\d{7})$")
 
 
@@ -117,7 +119,7 @@ def load_state(folder: Path, run: dict[str, Any], model: nn.Module) -> TrainingS
     state: dict[int, dict[str, torch.Tensor]] = {}
     for key, tensor in opt_tensors.items():
         index, _, name = key.partition(".")
-        if not index.isdigit() or name not in ("step", "exp_avg", "exp_avg_sq"):
+        if not index.isdigit() or name not in ADAMW_STATE:
             raise FormatError(f"{path}/optimizer.safetensors holds an unexpected tensor {key!r}")
         state.setdefault(int(index), {})[name] = tensor
     return TrainingState(step, run, log, params, {"state": state, "param_groups": groups})
